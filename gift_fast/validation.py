@@ -1,0 +1,105 @@
+"""Input checks shared by every public entry point.
+
+Every check raises a ``ValueError``/``TypeError`` that names the offending argument and what was
+expected, so a user sees "targets: expected shape (4, 7) ..." instead of a CUDA assert.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: torch/reference only
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_float(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {desc}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if _shape(t) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name}: expected shape {tuple(expected)}{extra}, got {_shape(t)}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not _capturing(t) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, found NaN or inf")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured: value checks would need a host sync then."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index):
+    """Validates the inputs of the fused linear log-prob op and flattens them.
+
+    Returns ``(hidden_2d [N, H], targets_1d [N], leading_shape)``. The flattening is a view when the
+    input allows it; non-contiguous inputs are accepted (the backends copy only what they must).
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in INT_DTYPES:
+        raise TypeError(f"targets: expected an integer dtype, got {str(targets.dtype).replace('torch.', '')}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected shape [..., H] with at least one dimension, got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape [V, H] (2 dims), got {_shape(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected the same dtype as hidden ({hidden.dtype}), got {weight.dtype}")
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight: expected shape [V, H] with H = hidden.shape[-1] = {H}, got {_shape(weight)}")
+    if V == 0 or H == 0:
+        raise ValueError(f"weight: expected V > 0 and H > 0, got shape {_shape(weight)}")
+    lead = _shape(hidden)[:-1]
+    if _shape(targets) != lead:
+        raise ValueError(f"targets: expected shape {lead} (hidden.shape[:-1]), got {_shape(targets)}")
+    if bias is not None:
+        check_float("bias", bias)
+        check_shape("bias", bias, (V,), "one value per vocabulary entry")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_positive("temperature", temperature)
+    if softcap is not None:
+        check_positive("softcap", softcap)
+    h2 = hidden.reshape(-1, H)
+    t1 = targets.reshape(-1)
+    if t1.numel() and not _capturing(t1):
+        bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= V))
+        if bool(bad.any()):
+            first = int(t1[bad][0])
+            raise ValueError(
+                f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, found {first}")
+    return h2, t1, lead
