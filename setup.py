@@ -3,7 +3,7 @@
 The kernels live in the top-level folder ``kernels/`` of the repository but are never installed as
 a top-level ``kernels`` module: that name belongs to Hugging Face's kernel-hub package.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="gift_fast",
@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gift_fast", "gift_fast.backends", "gift_fast.kernels", "gift_fast.train"],
+    packages=find_packages(include=["gift_fast", "gift_fast.*"]) + ["gift_fast.kernels"],
     package_dir={"gift_fast": "gift_fast", "gift_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
