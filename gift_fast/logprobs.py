@@ -11,7 +11,7 @@ import torch
 
 from .backends import resolve_backend
 from .backends.reference import reference_linear_logprobs
-from .backends.torch_chunked import CHUNK_ELEMENTS, ChunkedLinearLogprobs
+from .backends.torch_chunked import CHUNK_ELEMENTS, ChunkedLinearLogprobs, chunked_forward
 from .validation import check_linear_inputs
 
 
@@ -47,17 +47,26 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
                                        ignore_index)
     which = resolve_backend(backend, hidden.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     if which == "reference":
         logp, entropy, argmax = reference_linear_logprobs(h2, weight, t1, bias, temperature,
                                                           softcap, ignore_index, reference_dtype)
+    elif which == "torch" and not needs_grad:   # inference: nothing is saved for backward
+        logp, _, entropy, argmax = chunked_forward(h2, weight, bias, t1, temperature, softcap,
+                                                   ignore_index, return_entropy)
     elif which == "torch":
         logp, entropy, argmax = ChunkedLinearLogprobs.apply(
             h2, weight, bias, t1, float(temperature), softcap, ignore_index, return_entropy,
             CHUNK_ELEMENTS)
     else:
-        from .backends.triton_op import TritonLinearLogprobs
-        logp, entropy, argmax = TritonLinearLogprobs.apply(
-            h2, weight, bias, t1, float(temperature), softcap, ignore_index, return_entropy)
+        from .backends.triton_op import TritonLinearLogprobs, triton_forward
+        if needs_grad:
+            logp, entropy, argmax = TritonLinearLogprobs.apply(
+                h2, weight, bias, t1, float(temperature), softcap, ignore_index, return_entropy)
+        else:
+            logp, entropy, argmax, _, _ = triton_forward(h2, weight, bias, t1, float(temperature),
+                                                         softcap, ignore_index, return_entropy)
     outputs = [logp.reshape(lead)]
     if return_entropy:
         outputs.append(entropy.reshape(lead))

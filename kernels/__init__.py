@@ -1,0 +1,7 @@
+"""Triton kernels of gift_fast (installed as ``gift_fast.kernels``): @triton.jit code and thin
+launch helpers only; the autograd wiring lives in ``gift_fast.backends.triton_op``."""
+from .logprob_backward import dlogits
+from .logprob_forward import dot_precision, logprob_forward_stats
+from .gemm import matmul
+
+__all__ = ["logprob_forward_stats", "dlogits", "matmul", "dot_precision"]

@@ -1,0 +1,78 @@
+"""Backward kernel: recomputes logit tiles from the saved lse and writes d(loss)/d(raw logits).
+
+For one chunk of rows (already compacted to rows whose upstream gradient is non-zero) it writes
+
+    D[n, v] = d/d raw_{n,v} of  g_n * logp_n + e_n * H_n
+            = [ g_n (1[v = y_n] - p_{n,v}) - e_n p_{n,v} (z_{n,v} - E_p[z_n]) ] / T * softcap'
+
+into a [chunk, V] buffer in the input dtype, which the GEMM kernel then turns into dX and dW.
+The buffer is bounded by the chunk size, never [N, V].
+"""
+import triton
+import triton.language as tl
+
+from .logprob_forward import _logit_tile, _transform
+
+
+@triton.jit
+def _dlogits_kernel(
+    X, W, B, Y, G, E, LSE, ENT, D,
+    C, V, H,
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_dn, stride_dv,
+    inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    rows64 = rows.to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols64 = cols.to(tl.int64)
+
+    acc = _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_xh,
+                      stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+    z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+    y = tl.load(Y + rows64, mask=row_mask, other=-1)
+    g = tl.load(G + rows64, mask=row_mask, other=0.0)
+    lse = tl.load(LSE + rows64, mask=row_mask, other=0.0)
+    p = tl.where(col_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
+    coef = -g[:, None]
+    if HAS_ENTROPY_GRAD:
+        e = tl.load(E + rows64, mask=row_mask, other=0.0)
+        mean_z = lse - tl.load(ENT + rows64, mask=row_mask, other=0.0)
+        coef -= e[:, None] * (z - mean_z[:, None])
+    dz = p * coef + tl.where(cols[None, :] == y[:, None], g[:, None], 0.0)
+    dz *= inv_temperature
+    if HAS_SOFTCAP:
+        # = tanh(raw / c); out-of-vocab columns read 0 so the square cannot overflow.
+        th = tl.where(col_mask[None, :], z, 0.0) * (1.0 / (inv_temperature * softcap))
+        dz *= 1.0 - th * th
+    tl.store(D + rows64[:, None] * stride_dn + cols64[None, :] * stride_dv,
+             dz.to(D.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def dlogits_config(interpreted: bool) -> dict:
+    if interpreted:
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+
+
+def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision):
+    """Fills ``out`` [C, V] with d(sum g*logp + e*H)/d(raw logits) for the rows of ``x`` [C, H]."""
+    C, H = x.shape
+    V = w.shape[0]
+    cfg = dlogits_config(not x.is_cuda)
+    grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    _dlogits_kernel[grid](
+        x, w, b if b is not None else x, y, g, e if e is not None else g, lse,
+        ent if ent is not None else lse, out,
+        C, V, H,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        1.0 / temperature, float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY_GRAD=e is not None,
+        DOT_PRECISION=dot_precision, **cfg)

@@ -1,0 +1,201 @@
+"""Forward kernel: per-row log-prob, log-sum-exp, entropy and argmax of ``x @ w.T`` without logits.
+
+Each program owns BLOCK_N rows and one slice of the vocabulary. It streams that slice in
+BLOCK_V tiles, computes each logit tile with ``tl.dot`` over H, and folds it into running
+statistics with an online log-sum-exp:
+
+    m  = max_v z_v                    (running max)
+    s  = sum_v exp(z_v - m)           (rescaled when m grows)
+    t  = sum_v exp(z_v - m) (z_v - m) (for the entropy, rescaled the same way)
+
+The slices' partial statistics are merged by ``_combine_kernel``. The number of slices and all
+tile sizes depend on V and H only, never on N: a row's result is bit-identical whatever the batch.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Sentinel below any real logit; finite so that (m_old - m_new) * s stays 0, never NaN.
+NEG_BIG = -1.0e30
+
+
+@triton.jit
+def _transform(acc, cols, col_mask, B, inv_temperature, softcap,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """raw GEMM tile -> z = softcap(raw + b) / T, with out-of-vocab columns at NEG_BIG."""
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): stable for large |u| in float32.
+        u = acc / softcap
+        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    z = acc * inv_temperature
+    return tl.where(col_mask[None, :], z, NEG_BIG)
+
+
+@triton.jit
+def _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_xh,
+                stride_wv, stride_wh, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BLOCK_N, BLOCK_V] tile of x @ w.T, accumulated in float32 over H."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < H
+        x = tl.load(X + rows64[:, None] * stride_xn + hs[None, :] * stride_xh,
+                    mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(W + cols64[:, None] * stride_wv + hs[None, :] * stride_wh,
+                    mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _logprob_forward_kernel(
+    X, W, B, Y,
+    M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
+    N, V, H, v_per_split,
+    stride_xn, stride_xh, stride_wv, stride_wh,
+    inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    # Ignored / out-of-range targets are never matched (-1 is no column); no out-of-bounds read.
+    y = tl.load(Y + rows64, mask=row_mask, other=-1)
+
+    m = tl.full((BLOCK_N,), NEG_BIG, dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    best = tl.full((BLOCK_N,), NEG_BIG, dtype=tl.float32)
+    arg = tl.zeros((BLOCK_N,), dtype=tl.int32)
+
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        acc = _logit_tile(X, W, rows64, row_mask, cols.to(tl.int64), col_mask, H, stride_xn,
+                          stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
+                          DOT_PRECISION)
+        z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        tile_max = tl.max(z, axis=1)
+        tile_arg = tl.argmax(z, axis=1).to(tl.int32) + v0
+        better = tile_max > best          # strict: the first maximum wins, as torch.argmax
+        arg = tl.where(better, tile_arg, arg)
+        best = tl.where(better, tile_max, best)
+
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp(m - m_new)
+        p = tl.where(col_mask[None, :], tl.exp(z - m_new[:, None]), 0.0)
+        if WANT_ENTROPY:
+            d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(p * d, axis=1)
+        s = s * alpha + tl.sum(p, axis=1)
+        m = m_new
+
+    out = pid_s.to(tl.int64) * N + rows64
+    tl.store(M_part + out, m, mask=row_mask)
+    tl.store(S_part + out, s, mask=row_mask)
+    tl.store(ZY_part + out, zy, mask=row_mask)
+    tl.store(BEST_part + out, best, mask=row_mask)
+    tl.store(ARG_part + out, arg, mask=row_mask)
+    if WANT_ENTROPY:
+        tl.store(T_part + out, t, mask=row_mask)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs keep full precision (no TF32), as torch's default matmul does."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward_config(V: int, H: int, interpreted: bool) -> dict:
+    """Tile sizes and vocabulary split, a function of (V, H) only: batch-invariant by design."""
+    if interpreted:
+        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
+    else:
+        cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3,
+                   v_per_split=8192)
+    return cfg
+
+
+@triton.jit
+def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
+                    LSE, ZY, ENT, ARGMAX, N, n_split,
+                    WANT_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Merges the vocabulary slices of each row in a fixed sequential order (batch-invariant;
+    a torch reduction over the slice axis could change its order with N)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < N
+    rows64 = rows.to(tl.int64)
+    m = tl.full((BLOCK,), NEG_BIG, dtype=tl.float32)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    t = tl.zeros((BLOCK,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK,), dtype=tl.float32)
+    best = tl.full((BLOCK,), NEG_BIG, dtype=tl.float32)
+    arg = tl.zeros((BLOCK,), dtype=tl.int32)
+    for k in range(0, n_split):
+        off = k * N + rows64
+        m_k = tl.load(M_part + off, mask=mask, other=NEG_BIG)
+        s_k = tl.load(S_part + off, mask=mask, other=0.0)
+        m_new = tl.maximum(m, m_k)
+        a_old = tl.exp(m - m_new)
+        a_k = tl.exp(m_k - m_new)
+        if WANT_ENTROPY:
+            t_k = tl.load(T_part + off, mask=mask, other=0.0)
+            t = a_old * (t + (m - m_new) * s) + a_k * (t_k + (m_k - m_new) * s_k)
+        s = a_old * s + a_k * s_k
+        m = m_new
+        zy += tl.load(ZY_part + off, mask=mask, other=0.0)
+        best_k = tl.load(BEST_part + off, mask=mask, other=NEG_BIG)
+        better = best_k > best        # strict: the lowest index wins ties, as torch.argmax
+        arg = tl.where(better, tl.load(ARG_part + off, mask=mask, other=0), arg)
+        best = tl.where(better, best_k, best)
+    log_s = tl.log(tl.where(mask, s, 1.0))
+    tl.store(LSE + rows64, m + log_s, mask=mask)
+    tl.store(ZY + rows64, zy, mask=mask)
+    tl.store(ARGMAX + rows64, arg.to(tl.int64), mask=mask)
+    if WANT_ENTROPY:
+        tl.store(ENT + rows64, log_s - t / tl.where(mask, s, 1.0), mask=mask)
+
+
+def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None):
+    """Launches the forward kernel. x [N, H], w [V, H], targets [N] (ignored rows: any value
+    outside [0, V)). Returns float32 (lse, target_logit, entropy or None, argmax int64)."""
+    N, H = x.shape
+    V = w.shape[0]
+    interpreted = not x.is_cuda
+    cfg = dict(forward_config(V, H, interpreted), **(config or {}))
+    v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    n_split = triton.cdiv(V, v_per_split)
+    parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)
+    arg = torch.empty((n_split, N), dtype=torch.int32, device=x.device)
+    m, s, t, zy, best = parts
+    lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    target_logit = torch.empty_like(lse)
+    entropy = torch.empty_like(lse) if want_entropy else None
+    argmax = torch.empty(N, dtype=torch.int64, device=x.device)
+    if N == 0:
+        return lse, target_logit, entropy, argmax
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), n_split)
+    _logprob_forward_kernel[grid](
+        x, w, b if b is not None else x, targets,
+        m, s, t, zy, best, arg,
+        N, V, H, v_per_split,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        1.0 / temperature, float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
+        DOT_PRECISION=dot_precision(x.dtype), **cfg)
+    block = 128
+    _combine_kernel[(triton.cdiv(N, block),)](
+        m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,
+        N, n_split, WANT_ENTROPY=want_entropy, BLOCK=block)
+    return lse, target_logit, entropy, argmax
