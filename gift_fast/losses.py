@@ -1,0 +1,226 @@
+"""Fused loss front-ends (form (b)): hidden states + lm_head weight in, ``(loss, metrics)`` out.
+
+Every front-end validates its inputs, gets the per-token log-probs of the targets from ONE
+internal function, :func:`_policy_logps` (today :func:`gift_fast.linear_logprobs`; the place to
+route Triton-fused paths later), then applies the matching epilogue of
+:mod:`gift_fast.functional`. The [N, V] logits are never materialised on the triton and torch
+backends.
+
+Layouts: padded ``hidden [B, T, H]`` with ``targets [B, T]`` (rows equal to ``ignore_index`` are
+prompt / padding), or, where a loss accepts ``cu_seqlens``, packed ``hidden [N, H]``,
+``targets [N]`` and ``cu_seqlens [B + 1]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import functional as Fn
+from .logprobs import linear_logprobs
+
+__all__ = [
+    "gift_loss", "grpo_loss", "group_advantages", "dpo_loss", "ipo_loss", "simpo_loss",
+    "rpo_loss", "una_loss", "fdiv_sft_loss", "dft_loss", "ift_loss",
+    "ift_greedy_predictions", "ift_mixed_embeddings",
+]
+
+group_advantages = Fn.group_advantages
+
+
+def _policy_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  bias: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                  backend: str, softcap: Optional[float] = None) -> torch.Tensor:
+    """Per-token log-probs of ``targets`` (float32, 0 at ignored rows, with gradient).
+
+    The single entry point every front-end uses for the policy's log-probs.
+    """
+    return linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
+                           softcap=softcap, ignore_index=ignore_index, backend=backend)
+
+
+def _check_layout(hidden, targets, cu_seqlens, packed_ok: bool = True) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
+    if cu_seqlens is None:
+        if hidden.dim() != 3:
+            hint = " (or [N, H] with cu_seqlens)" if packed_ok else ""
+            raise ValueError(f"hidden: expected shape [B, T, H]{hint}, got {tuple(hidden.shape)}")
+    else:
+        if not packed_ok:
+            raise ValueError("cu_seqlens: this loss supports only the padded [B, T, H] layout")
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden: expected packed shape [N, H] when cu_seqlens is given, "
+                             f"got {tuple(hidden.shape)}")
+    if isinstance(targets, torch.Tensor) and tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
+                         f"got {tuple(targets.shape)}")
+
+
+def _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+           cu_seqlens=None, packed_ok=True):
+    _check_layout(hidden, targets, cu_seqlens, packed_ok)
+    logps = _policy_logps(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap)
+    return logps, targets != ignore_index
+
+
+def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None, group_ids=None,
+              cu_seqlens=None, bias=None, beta=1.0, eps=1e-6, std="unbiased", detach_stats=True,
+              length_norm=0.0, drop_uniform_groups=False, temperature=1.0, softcap=None,
+              ignore_index=-100, reduction="mean", backend="auto"):
+    """GIFT (Group-relative Implicit Fine Tuning): ``L = mean_i (A_i - beta z_i)^2``.
+
+    Args:
+        hidden: ``[B, T, H]`` (or packed ``[N, H]`` with ``cu_seqlens``).
+        weight: ``[V, H]`` lm_head weight; ``bias`` optional ``[V]``.
+        targets: ``[B, T]`` / ``[N]`` token ids, ``ignore_index`` on prompt and padding.
+        anchor_logps: per-token log-probs of the anchor (pi_old by default, or pi_ref), like targets.
+        rewards: ``[B]`` explicit rewards, finite.
+        group_size / group_ids: consecutive groups of ``group_size`` sequences, or ``[B]`` labels.
+        Other options: see :func:`gift_fast.functional.gift_loss` and docs/losses.md.
+
+    Returns ``(loss, metrics)``.
+    """
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.gift_loss(logps, anchor_logps, rewards, mask=mask, cu_seqlens=cu_seqlens,
+                        group_size=group_size, group_ids=group_ids, beta=beta, eps=eps, std=std,
+                        detach_stats=detach_stats, length_norm=length_norm,
+                        drop_uniform_groups=drop_uniform_groups, reduction=reduction)
+
+
+def grpo_loss(hidden, weight, targets, old_logps, advantages, *, ref_logps=None, beta=0.0,
+              epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=None,
+              num_items_in_batch=None, cu_seqlens=None, bias=None, temperature=1.0, softcap=None,
+              ignore_index=-100, backend="auto"):
+    """GRPO clipped surrogate (+ beta * k3 KL); ``advantages [B]`` e.g. from
+    :func:`group_advantages`. See :func:`gift_fast.functional.grpo_loss`."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.grpo_loss(logps, old_logps, advantages, mask=mask, cu_seqlens=cu_seqlens,
+                        ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low,
+                        epsilon_high=epsilon_high, loss_type=loss_type,
+                        max_completion_length=max_completion_length,
+                        num_items_in_batch=num_items_in_batch)
+
+
+def dpo_loss(hidden, weight, targets, ref_logps, *, beta=0.1, label_smoothing=0.0, length_norm=0.0,
+             cu_seqlens=None, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
+             reduction="mean", backend="auto"):
+    """DPO; chosen = first half of the batch, rejected = second half. ``ref_logps`` per token
+    (None: reference-free)."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.dpo_loss(logps, ref_logps, mask=mask, cu_seqlens=cu_seqlens, beta=beta,
+                       label_smoothing=label_smoothing, length_norm=length_norm, reduction=reduction)
+
+
+def ipo_loss(hidden, weight, targets, ref_logps, *, beta=0.1, length_normalized=True,
+             cu_seqlens=None, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
+             reduction="mean", backend="auto"):
+    """IPO ``(h - 1/(2 beta))^2``, length-normalised log-ratios by default."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.ipo_loss(logps, ref_logps, mask=mask, cu_seqlens=cu_seqlens, beta=beta,
+                       length_normalized=length_normalized, reduction=reduction)
+
+
+def simpo_loss(hidden, weight, targets, *, beta=2.0, gamma=1.0, sft_weight=0.0, label_smoothing=0.0,
+               cu_seqlens=None, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
+               reduction="mean", backend="auto"):
+    """SimPO (reference-free, mean log-probs, margin ``gamma``), optional NLL on chosen."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.simpo_loss(logps, mask=mask, cu_seqlens=cu_seqlens, beta=beta, gamma=gamma,
+                         sft_weight=sft_weight, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def rpo_loss(hidden, weight, targets, ref_logps, rewards, *, kind="sq", beta=0.2, eta=1.0,
+             group_size=2, group_ids=None, length_norm=0.0, cu_seqlens=None, bias=None,
+             temperature=1.0, softcap=None, ignore_index=-100, reduction="mean", backend="auto"):
+    """RPO (``kind`` in sq, bwd_kl, fwd_kl); pairwise for ``group_size=2``, multi-response
+    otherwise. See :func:`gift_fast.functional.rpo_loss`."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.rpo_loss(logps, ref_logps, rewards, mask=mask, cu_seqlens=cu_seqlens, kind=kind,
+                       beta=beta, eta=eta, group_size=group_size, group_ids=group_ids,
+                       length_norm=length_norm, reduction=reduction)
+
+
+def una_loss(hidden, weight, targets, anchor_logps, *, kind="pairwise", labels=None, scores=None,
+             beta=None, cu_seqlens=None, bias=None, temperature=1.0, softcap=None,
+             ignore_index=-100, reduction="mean", backend="auto"):
+    """UNA (``kind`` in pairwise, binary_mse, binary_bce, score_mse)."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.una_loss(logps, anchor_logps, mask=mask, cu_seqlens=cu_seqlens, kind=kind,
+                       labels=labels, scores=scores, beta=beta, reduction=reduction)
+
+
+def fdiv_sft_loss(hidden, weight, targets, ref_logps=None, *, divergence="tv", beta=0.1,
+                  cu_seqlens=None, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
+                  backend="auto"):
+    """f-divergence SFT (ours; ``divergence`` in tv, pearson, hellinger, kl, js)."""
+    Fn.check_choice("divergence", divergence, Fn.DIVERGENCES)
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.fdiv_sft_loss(logps, ref_logps, mask=mask, cu_seqlens=cu_seqlens,
+                            divergence=divergence, beta=beta)
+
+
+def dft_loss(hidden, weight, targets, *, cu_seqlens=None, bias=None, temperature=1.0, softcap=None,
+             ignore_index=-100, backend="auto"):
+    """Dynamic fine-tuning ``-mean sg(p) log p`` over active tokens."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return Fn.dft_loss(logps, mask=mask, cu_seqlens=cu_seqlens)
+
+
+def ift_loss(hidden, weight, targets, *, gamma=0.95, bias=None, temperature=1.0, softcap=None,
+             ignore_index=-100, backend="auto"):
+    """IFT loss; ``hidden [B, T, H]`` must come from the forward on the mixed input embeddings
+    (:func:`ift_mixed_embeddings`)."""
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         None, packed_ok=False)
+    return Fn.ift_loss(logps, mask=mask, gamma=gamma)
+
+
+@torch.no_grad()
+def ift_greedy_predictions(hidden, weight, bias=None, *, temperature=1.0, softcap=None,
+                           backend="auto") -> torch.Tensor:
+    """Greedy next-token prediction ``argmax z_t`` of every row of ``hidden [..., H]`` (int64),
+    computed by the fused forward without materialising logits (IFT step 1)."""
+    dummy = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+    _, argmax = linear_logprobs(hidden.detach(), weight.detach(), dummy,
+                                None if bias is None else bias.detach(), temperature=temperature,
+                                softcap=softcap, return_argmax=True, backend=backend)
+    return argmax
+
+
+def ift_mixed_embeddings(input_ids: torch.Tensor, labels: torch.Tensor, greedy_next: torch.Tensor,
+                         embedding, *, lam: float = 0.2, ignore_index: int = -100) -> torch.Tensor:
+    """IFT step 2: ``(1 - lam) E[y*] + lam E[y_hat]`` at response positions, prompt untouched.
+
+    Args:
+        input_ids: ``[B, T]`` ground-truth input tokens.
+        labels: ``[B, T]`` aligned with ``input_ids`` (unshifted); positions equal to
+            ``ignore_index`` are prompt / padding and keep their embedding.
+        greedy_next: ``[B, T]`` greedy prediction at each position (of the NEXT token), e.g. from
+            :func:`ift_greedy_predictions`; the prediction for position t is ``greedy_next[t - 1]``.
+        embedding: an ``nn.Embedding`` or an embedding matrix ``[V, H]`` (used without gradient
+            to the looked-up table only through ``E[y*]``, as a plain lookup).
+        lam: mixing weight lambda in [0, 1].
+    Returns ``[B, T, H]`` input embeddings.
+    """
+    Fn._check_number("lam", lam, 0.0, 1.0)
+    for name, t in (("input_ids", input_ids), ("labels", labels), ("greedy_next", greedy_next)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name}: expected a [B, T] tensor")
+        if tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    table = embedding.weight if isinstance(embedding, torch.nn.Embedding) else embedding
+    shifted = torch.cat([input_ids[:, :1], greedy_next[:, :-1]], dim=1)
+    further = torch.where(labels == ignore_index, input_ids, shifted)
+    e_true = torch.nn.functional.embedding(input_ids, table)
+    e_pred = torch.nn.functional.embedding(further, table)
+    return (1 - lam) * e_true + lam * e_pred
