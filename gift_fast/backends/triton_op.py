@@ -46,6 +46,45 @@ def triton_forward(hidden, weight, bias, targets, temperature, softcap, ignore_i
     return logp, entropy, argmax, lse, y
 
 
+def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, softcap,
+                    need_dx: bool, need_dw: bool, need_db: bool):
+    """Gradients of sum_n g_n logp_n + e_n H_n w.r.t. hidden, weight, bias (None where not needed).
+
+    ``g``/``e`` are float32 per-row upstream gradients, already 0 at ignored rows; ``e`` may be
+    None. Rows with g = e = 0 cost nothing: they are dropped before any GEMM (one host sync).
+    """
+    live = g != 0 if e is None else (g != 0) | (e != 0)
+    rows = torch.nonzero(live).squeeze(1)
+    d_hidden = torch.zeros_like(hidden) if need_dx else None
+    d_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        if need_dw else None
+    d_bias32 = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+        if need_db else None
+    n_live = rows.numel()
+    if n_live:
+        V, H = weight.shape
+        precision = dot_precision(hidden.dtype)
+        step = backward_chunk_rows(V, hidden.element_size(), n_live)
+        buffer = torch.empty((step, V), dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, n_live, step):
+            idx = rows[start:start + step]
+            x = hidden[idx]                            # contiguous copy of the chunk's rows
+            d = buffer[:idx.numel()]
+            dlogits(x, weight, bias, y[idx], g[idx], e[idx] if e is not None else None,
+                    lse[idx], entropy[idx] if e is not None else None, temperature, softcap,
+                    d, precision)
+            if need_dx:
+                dx = torch.empty((idx.numel(), H), dtype=hidden.dtype, device=hidden.device)
+                d_hidden[idx] = matmul(d, weight, dx, accumulate=False, dot_precision=precision)
+            if need_dw:
+                matmul(d.T, x, d_weight32, accumulate=True, dot_precision=precision)
+            if need_db:
+                d_bias32 += d.sum(0, dtype=torch.float32)
+    d_weight = d_weight32.to(weight.dtype) if need_dw else None
+    d_bias = d_bias32.to(bias.dtype) if need_db else None
+    return d_hidden, d_weight, d_bias
+
+
 class TritonLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index,
@@ -60,43 +99,12 @@ class TritonLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_logp, d_entropy, _d_argmax):
         hidden, weight, bias, y, lse, entropy = ctx.saved_tensors
-        temperature, softcap = ctx.cfg
         active = y >= 0
         g = torch.where(active, d_logp.float(), 0.0) if d_logp is not None else torch.zeros_like(lse)
         e = None
         if entropy is not None and d_entropy is not None:
             e = torch.where(active, d_entropy.float(), 0.0)
-        live = g != 0 if e is None else (g != 0) | (e != 0)
-        rows = torch.nonzero(live).squeeze(1)
-
-        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
-            bias is not None and ctx.needs_input_grad[2]
-        d_hidden = torch.zeros_like(hidden) if need_dx else None
-        d_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_dw else None
-        d_bias32 = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-            if need_db else None
-        n_live = rows.numel()
-        if n_live:
-            V, H = weight.shape
-            precision = dot_precision(hidden.dtype)
-            step = backward_chunk_rows(V, hidden.element_size(), n_live)
-            buffer = torch.empty((step, V), dtype=hidden.dtype, device=hidden.device)
-            for start in range(0, n_live, step):
-                idx = rows[start:start + step]
-                x = hidden[idx]                        # contiguous copy of the chunk's rows
-                d = buffer[:idx.numel()]
-                dlogits(x, weight, bias, y[idx], g[idx], e[idx] if e is not None else None,
-                        lse[idx], entropy[idx] if e is not None else None, temperature, softcap,
-                        d, precision)
-                if need_dx:
-                    dx = torch.empty((idx.numel(), H), dtype=hidden.dtype, device=hidden.device)
-                    d_hidden[idx] = matmul(d, weight, dx, accumulate=False,
-                                           dot_precision=precision)
-                if need_dw:
-                    matmul(d.T, x, d_weight32, accumulate=True, dot_precision=precision)
-                if need_db:
-                    d_bias32 += d.sum(0, dtype=torch.float32)
-        d_weight = d_weight32.to(weight.dtype) if need_dw else None
-        d_bias = d_bias32.to(bias.dtype) if need_db else None
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        grads = triton_backward(hidden, weight, bias, y, lse, entropy, g, e, *ctx.cfg,
+                                need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+                                need_db=bias is not None and ctx.needs_input_grad[2])
+        return (*grads, None, None, None, None, None)
