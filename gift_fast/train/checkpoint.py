@@ -1,0 +1,47 @@
+"""Checkpoint save and resume: model, optimiser, step, config and every RNG stream, so that a
+resumed run continues exactly as the uninterrupted one would (on CPU)."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def checkpoint_path(path: str) -> str:
+    """Accepts a checkpoint file or the run directory holding one."""
+    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+
+
+def save_checkpoint(path: str, *, model, optimizer, step: int, config: dict,
+                    data_rng: random.Random, ref_model=None) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": config,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": np.random.get_state(), "data": data_rng.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "ref_model": None if ref_model is None else ref_model.state_dict(),
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: str) -> dict:
+    return torch.load(checkpoint_path(path), map_location="cpu", weights_only=False)
+
+
+def restore_rng(state: dict, data_rng: random.Random) -> None:
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    data_rng.setstate(rng["data"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,91 @@
+"""Training configuration: one dataclass, shared by the Python API and the CLI."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    # What to train
+    loss: str = "gift"
+    model: str = "tiny"                 # tiny | qwen2 | gpu (see model.py)
+    vocab: int = 2048                   # padded vocabulary size (exercises the large-vocab path)
+    seed: int = 0
+    # Supervised warm start (gold answers, the library's fused SFT loss)
+    sft_steps: int = 120
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    # On-policy RL
+    rl_steps: int = 300
+    prompts_per_step: int = 8
+    group_size: int = 8                 # G responses sampled per prompt
+    updates_per_batch: int = 1          # optimiser steps per rollout batch (anchor = pre-update)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0            # sampling temperature == loss temperature
+    beta: Optional[float] = None        # the loss's beta; None = the library default
+    anchor: str = "old"                 # old: rollout policy (authors' code); ref: post-SFT model
+    max_new_tokens: int = 5
+    ift_lambda: float = 0.2             # IFT's mix of predicted-token embeddings
+    # Evaluation, logging, checkpoints
+    eval_every: int = 25
+    n_heldout: int = 256
+    save_every: int = 100
+    out_dir: Optional[str] = None       # default runs/<name>
+    name: Optional[str] = None
+    resume: Optional[str] = None        # a checkpoint file or a run directory
+    memory_report: Optional[bool] = None  # default: on for the qwen2 preset
+    device: str = "auto"
+    threads: Optional[int] = None
+    progress: bool = True
+    plot: bool = True
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raises ValueError naming the bad setting and what was expected."""
+    from .model import PRESETS
+    from .objectives import LOSSES, NEEDS_GROUPS
+    from .tokenizer import MIN_VOCAB
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ValueError(message)
+
+    need(cfg.loss in LOSSES, f"loss: expected one of {', '.join(LOSSES)}; got {cfg.loss!r}")
+    need(cfg.model in PRESETS, f"model: expected one of {', '.join(PRESETS)}; got {cfg.model!r}")
+    need(cfg.vocab >= MIN_VOCAB, f"vocab: expected >= {MIN_VOCAB} (the task's alphabet), got {cfg.vocab}")
+    for name in ("sft_steps", "rl_steps"):
+        need(getattr(cfg, name) >= 0, f"{name}: expected >= 0, got {getattr(cfg, name)}")
+    for name in ("sft_batch", "prompts_per_step", "group_size", "updates_per_batch",
+                 "max_new_tokens", "eval_every", "n_heldout", "save_every"):
+        need(getattr(cfg, name) >= 1, f"{name}: expected >= 1, got {getattr(cfg, name)}")
+    need(cfg.n_heldout <= 5000, f"n_heldout: expected <= 5000 of the 10000 problems, got {cfg.n_heldout}")
+    need(cfg.group_size >= 2 or cfg.loss not in NEEDS_GROUPS,
+         f"group_size: loss {cfg.loss!r} compares responses within a group; expected >= 2, "
+         f"got {cfg.group_size}")
+    for name in ("lr", "sft_lr", "temperature"):
+        need(getattr(cfg, name) > 0, f"{name}: expected > 0, got {getattr(cfg, name)}")
+    need(cfg.grad_clip >= 0, f"grad_clip: expected >= 0 (0 disables), got {cfg.grad_clip}")
+    need(cfg.anchor in ("old", "ref"), f"anchor: expected 'old' or 'ref', got {cfg.anchor!r}")
+    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+         f"device: expected auto, cpu or cuda[:N], got {cfg.device!r}")
+    need(cfg.threads is None or cfg.threads >= 1, f"threads: expected >= 1, got {cfg.threads}")
+    if cfg.resume is not None:
+        import os
+        from .checkpoint import checkpoint_path
+        need(os.path.isfile(checkpoint_path(cfg.resume)),
+             f"resume: no checkpoint found at {cfg.resume!r}")

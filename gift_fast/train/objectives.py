@@ -1,0 +1,137 @@
+"""Maps each ``--loss`` name onto a call of the library's fused loss; no loss math lives here.
+
+On-policy losses (gift, grpo, dpo, rpo, una) train on the sampled responses against the anchor
+log-probs; the SFT variants (sft, fdiv-*, dft, ift) train on the gold answers of the same prompts.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+import gift_fast
+from ..logprobs import linear_logprobs
+from .rollout import IGNORE_INDEX, Batch, head_weight, response_hidden
+
+ON_POLICY = ("gift", "grpo", "dpo", "rpo", "una")
+DIVERGENCES = ("tv", "pearson", "hellinger", "kl", "js")
+SUPERVISED = ("sft",) + tuple(f"fdiv-{d}" for d in DIVERGENCES) + ("dft", "ift")
+LOSSES = ON_POLICY + SUPERVISED
+# Losses that need a group of >= 2 sampled responses per prompt to say anything.
+NEEDS_GROUPS = ("gift", "grpo", "dpo", "rpo")
+
+
+def _library(name: str):
+    fn = getattr(gift_fast, name, None)
+    if fn is None:
+        raise RuntimeError(f"gift_fast.{name} is not available in this build of gift_fast")
+    return fn
+
+
+def _as_floats(metrics) -> Dict[str, float]:
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                continue
+            v = v.item()
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
+def sft_nll(hidden, weight, targets, temperature: float, backend: str = "auto"):
+    """Plain SFT (token-mean NLL) through the library: f-divergence SFT with TV is exactly NLL;
+    before that loss existed, the mean of ``-linear_logprobs`` over active tokens."""
+    fdiv = getattr(gift_fast, "fdiv_sft_loss", None)
+    if fdiv is not None:
+        return fdiv(hidden, weight, targets, divergence="tv", temperature=temperature,
+                    ignore_index=IGNORE_INDEX, backend=backend)
+    logp = linear_logprobs(hidden, weight, targets, temperature=temperature,
+                           ignore_index=IGNORE_INDEX, backend=backend)
+    active = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return -logp.sum() / active, {}
+
+
+def best_worst_pairs(batch: Batch) -> torch.Tensor:
+    """Indices ``[chosen..., rejected...]`` of the best and worst response of each group whose
+    rewards are not all equal (a tie says nothing about preference)."""
+    g = batch.group_size
+    rewards = batch.rewards.view(-1, g)
+    best, worst = rewards.argmax(1), rewards.argmin(1)
+    keep = rewards.max(1).values > rewards.min(1).values
+    base = torch.arange(rewards.shape[0]) * g
+    return torch.cat([(base + best)[keep], (base + worst)[keep]])
+
+
+def compute_loss(name: str, model, batch: Batch, cfg, compute_dtype=torch.float32
+                 ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Loss and its metrics for one (mini-)batch. Returns ``(None, {})`` when the batch holds no
+    signal for this loss (DPO with all-tie groups)."""
+    weight = head_weight(model, compute_dtype)
+    if name == "dpo":
+        index = best_worst_pairs(batch)
+        if index.numel() == 0:
+            return None, {}
+        batch = batch.select(index, group_size=1)
+    if name == "ift":
+        return _ift(model, batch, cfg, weight, compute_dtype)
+    hidden = response_hidden(model, batch, compute_dtype)
+    return loss_from_hidden(name, hidden, weight, batch, cfg)
+
+
+def loss_from_hidden(name: str, hidden, weight, batch: Batch, cfg, backend: str = "auto"):
+    """The library call for loss ``name`` on response hidden states ``[B, L, H]`` (not IFT,
+    whose inputs depend on the model; DPO expects the already-paired batch)."""
+    T = cfg.temperature
+    beta = {} if cfg.beta is None else {"beta": cfg.beta}
+    common = dict(temperature=T, ignore_index=IGNORE_INDEX, backend=backend)
+    t = batch.targets
+    if name == "gift":
+        loss, m = _library("gift_loss")(hidden, weight, t, batch.anchor_logps, batch.rewards,
+                                        group_size=batch.group_size, **common, **beta)
+    elif name == "grpo":
+        adv = _library("group_advantages")(batch.rewards, batch.group_size)
+        loss, m = _library("grpo_loss")(hidden, weight, t, batch.anchor_logps, adv,
+                                        **common, **beta)
+    elif name == "dpo":
+        loss, m = _library("dpo_loss")(hidden, weight, t, batch.anchor_logps, **common, **beta)
+    elif name == "rpo":
+        loss, m = _library("rpo_loss")(hidden, weight, t, batch.anchor_logps, batch.rewards,
+                                       group_size=batch.group_size, **common, **beta)
+    elif name == "una":
+        # Online UNA scores every response against its reward, which already lies in [0, 1].
+        loss, m = _library("una_loss")(hidden, weight, t, batch.anchor_logps, kind="score",
+                                       scores=batch.rewards, **common, **beta)
+    elif name == "sft":
+        loss, m = sft_nll(hidden, weight, t, T, backend)
+    elif name.startswith("fdiv-"):
+        loss, m = _library("fdiv_sft_loss")(hidden, weight, t, None,
+                                            divergence=name.split("-", 1)[1], **common, **beta)
+    elif name == "dft":
+        loss, m = _library("dft_loss")(hidden, weight, t, **common)
+    else:
+        raise ValueError(f"loss: expected one of {list(LOSSES)}, got {name!r}")
+    return loss, _as_floats(m)
+
+
+def _ift(model, batch: Batch, cfg, weight, compute_dtype):
+    """IFT: greedy predictions from a no-grad pass through the fused op's argmax, mixed input
+    embeddings of the response tokens, then ift_loss on a forward with gradient."""
+    from .model import body
+    p = batch.prompt_len
+    with torch.no_grad():
+        # Only response rows matter: row p - 1 + j predicts response token j.
+        greedy = _library("ift_greedy_predictions")(response_hidden(model, batch, compute_dtype),
+                                                    weight, temperature=cfg.temperature)
+    seqs = batch.sequences
+    greedy_next = seqs.clone()
+    greedy_next[:, p - 1:-1] = greedy
+    labels = torch.cat([torch.full_like(seqs[:, :p], IGNORE_INDEX), batch.targets], 1)
+    embeds = _library("ift_mixed_embeddings")(seqs, labels, greedy_next,
+                                              body(model).get_input_embeddings(),
+                                              lam=cfg.ift_lambda, ignore_index=IGNORE_INDEX)
+    hidden = response_hidden(model, batch, compute_dtype, inputs_embeds=embeds)
+    loss, m = _library("ift_loss")(hidden, weight, batch.targets, temperature=cfg.temperature,
+                                   ignore_index=IGNORE_INDEX)
+    return loss, _as_floats(m)

@@ -1,0 +1,307 @@
+"""The training loop: SFT warm start on gold answers, then on-policy RL with a fused loss.
+
+Everything a step needs to be reproduced lives in the checkpoint (model, optimiser, step, all RNG
+streams), so ``train(cfg.replace(resume=run_dir))`` continues the same run.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng, save_checkpoint
+from .config import TrainConfig, validate
+from .metrics import MetricsLog, peak_memory_mib
+from .model import build_model
+from .objectives import SUPERVISED, compute_loss
+from .rollout import Batch, generate, gold_batch, policy_logprobs, response_targets
+from .task import PROMPT_LEN, AdditionTask
+from .tokenizer import CharTokenizer
+
+LOG_NAME, PLOT_NAME, MEMORY_NAME = "metrics.jsonl", "curves.png", "memory.json"
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    log_path: str
+    plot_path: Optional[str]
+    records: List[Dict]
+    summary: Dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def default_out_dir(cfg: TrainConfig) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", cfg.name or f"{cfg.loss}-{stamp}")
+
+
+@torch.no_grad()
+def evaluate(model, task: AdditionTask, device, cfg: TrainConfig, compute_dtype) -> Dict:
+    """Greedy accuracy and reward on the held-out problems."""
+    tok = task.tokenizer
+    prompts = task.prompt_ids(task.heldout).to(device)
+    responses = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
+                         eos_id=tok.eos_id, sample=False, compute_dtype=compute_dtype)
+    rewards, exact = task.score(task.heldout, responses.cpu())
+    return {"heldout_accuracy": exact.mean().item(), "heldout_reward": rewards.mean().item()}
+
+
+def make_optimizer(model, lr: float, cfg: TrainConfig):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        validate(cfg)
+        self.resume_state = None
+        if cfg.resume is not None:
+            self.resume_state = load_checkpoint(cfg.resume)
+            saved = TrainConfig.from_dict(self.resume_state["config"])
+            # The run's identity comes from the checkpoint; only the length and UI may change.
+            cfg = saved.replace(rl_steps=cfg.rl_steps, progress=cfg.progress, plot=cfg.plot,
+                                resume=cfg.resume, out_dir=saved.out_dir)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.data_rng = random.Random(cfg.seed + 1)
+        self.tok = CharTokenizer(cfg.vocab)
+        self.task = AdditionTask(self.tok, seed=cfg.seed, n_heldout=cfg.n_heldout)
+        self.model, self.compute_dtype = build_model(
+            cfg.model, cfg.vocab, self.tok.pad_id, self.tok.bos_id, self.tok.eos_id, self.device)
+        self.model.train()
+        self.ref_model = None
+        self.step = 0
+        self.optimizer = make_optimizer(self.model, cfg.sft_lr if cfg.sft_steps else cfg.lr, cfg)
+        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        self.log = MetricsLog(os.path.join(cfg.out_dir, LOG_NAME), keep_before=self.step)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        self.tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step = state["step"]
+        if self.step >= self.cfg.sft_steps:
+            self._start_rl(log_eval=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("ref_model") is not None:
+            self.ref_model.load_state_dict(state["ref_model"])
+        restore_rng(state, self.data_rng)
+
+    def save(self) -> str:
+        path = os.path.join(self.cfg.out_dir, CHECKPOINT_NAME)
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, step=self.step,
+                        config=self.cfg.to_dict(), data_rng=self.data_rng,
+                        ref_model=self.ref_model)
+        return path
+
+    # -- phases ------------------------------------------------------------------------------
+    def _start_rl(self, log_eval: bool = True) -> None:
+        """Fresh optimiser state for RL (SFT's moments describe another objective); a frozen
+        copy of the warm-started model when the anchor is the reference policy."""
+        self.optimizer = make_optimizer(self.model, self.cfg.lr, self.cfg)
+        if self.cfg.anchor == "ref":
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if log_eval:
+            self._eval()
+
+    def _eval(self) -> Dict:
+        rl_step = self.step - self.cfg.sft_steps
+        record = {"step": self.step, "phase": "eval", "rl_step": rl_step,
+                  **evaluate(self.model, self.task, self.device, self.cfg, self.compute_dtype)}
+        self.log.write(record)
+        return record
+
+    def _optimise(self, batch: Batch, loss_name: str) -> Dict:
+        """``updates_per_batch`` optimiser steps on one batch; the anchor stays fixed."""
+        loss_value, metrics, grad_norm, steps = 0.0, {}, 0.0, 0
+        for _ in range(self.cfg.updates_per_batch if self.step >= self.cfg.sft_steps else 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = compute_loss(loss_name, self.model, batch, self.cfg,
+                                         self.compute_dtype)
+            if loss is None:
+                break
+            loss.backward()
+            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            self.optimizer.step()
+            loss_value, steps = float(loss.detach()), steps + 1
+        return {"loss": loss_value if steps else None, "grad_norm": grad_norm,
+                "updates": steps, "metrics": metrics}
+
+    def _sft_step(self) -> Dict:
+        problems = self.task.sample(self.data_rng, self.cfg.sft_batch)
+        seqs = self.task.gold_sequences(problems).to(self.device)
+        batch = gold_batch(seqs, PROMPT_LEN, self.tok.pad_id, self.tok.eos_id)
+        out = self._optimise(batch, "sft")
+        return {"phase": "sft", **out, "_tokens": seqs.numel()}
+
+    def _rollout(self, problems) -> Batch:
+        cfg, tok, G = self.cfg, self.tok, self.cfg.group_size
+        prompts = self.task.prompt_ids(problems).to(self.device).repeat_interleave(G, 0)
+        responses = generate(self.model, prompts, max_new_tokens=cfg.max_new_tokens,
+                             pad_id=tok.pad_id, eos_id=tok.eos_id, temperature=cfg.temperature,
+                             compute_dtype=self.compute_dtype)
+        rewards, exact = self.task.score([p for p in problems for _ in range(G)], responses.cpu())
+        batch = Batch(torch.cat([prompts, responses], 1), response_targets(responses, tok.eos_id),
+                      PROMPT_LEN, rewards.to(self.device), None, G)
+        # Anchor log-probs through the fused op under no_grad: the rollout policy (or reference).
+        anchor = self.ref_model if self.ref_model is not None else self.model
+        batch.anchor_logps = policy_logprobs(anchor, batch, cfg.temperature, self.compute_dtype)
+        batch.exact = exact
+        return batch
+
+    def _rl_step(self) -> Dict:
+        cfg = self.cfg
+        problems = self.task.sample(self.data_rng, cfg.prompts_per_step)
+        batch = self._rollout(problems)
+        if cfg.loss in SUPERVISED:
+            train_batch = gold_batch(self.task.gold_sequences(problems).to(self.device),
+                                     PROMPT_LEN, self.tok.pad_id, self.tok.eos_id)
+        else:
+            train_batch = batch
+        out = self._optimise(train_batch, cfg.loss)
+        return {"phase": "rl", "rl_step": self.step - cfg.sft_steps,
+                "reward": batch.rewards.mean().item(), "accuracy": batch.exact.mean().item(),
+                "response_tokens": batch.n_tokens, **out,
+                "_tokens": batch.sequences.numel() + train_batch.sequences.numel()}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        total = cfg.sft_steps + cfg.rl_steps
+        start_time = time.perf_counter()
+        bar = tqdm(total=total, initial=self.step, disable=not cfg.progress, desc=cfg.loss,
+                   dynamic_ncols=True)
+        if self.step == cfg.sft_steps and self.step < total and self.resume_state is None:
+            self._start_rl()  # no warm start at all
+        last_eval = None
+        while self.step < total:
+            t0 = time.perf_counter()
+            record = self._sft_step() if self.step < cfg.sft_steps else self._rl_step()
+            seconds = time.perf_counter() - t0
+            tokens = record.pop("_tokens")
+            record = {"step": self.step, **record, "tokens_per_s": tokens / seconds,
+                      "step_s": seconds, "peak_mem_mib": peak_memory_mib(self.device)}
+            self.log.write(record)
+            self.step += 1
+            if self.step == cfg.sft_steps:
+                self._start_rl()
+            rl_step = self.step - cfg.sft_steps
+            if rl_step > 0 and (rl_step % cfg.eval_every == 0 or self.step == total):
+                last_eval = self._eval()
+            if self.step % cfg.save_every == 0 or self.step == total:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(_postfix(record, last_eval), refresh=False)
+        bar.close()
+        if cfg.memory_report or (cfg.memory_report is None and cfg.model == "qwen2"):
+            self._memory_report()
+        result = TrainResult(cfg.out_dir, self.log.path, None, self.log.records,
+                             summarise(self.log.records))
+        result.summary["wall_s_this_session"] = time.perf_counter() - start_time
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(result.summary, f, indent=2)
+        if cfg.plot:
+            from .plotting import plot_runs
+            result.plot_path = plot_runs({cfg.loss: self.log.records},
+                                         os.path.join(cfg.out_dir, PLOT_NAME))
+        return result
+
+    def _memory_report(self) -> Dict:
+        """Peak memory and time of the loss path (fused) next to the naive path (materialised
+        logits), on one real rollout batch of this run."""
+        from .memory import compare_loss_memory
+        problems = self.task.sample(random.Random(self.cfg.seed + 2), self.cfg.prompts_per_step)
+        report = compare_loss_memory(self.cfg.loss, self.model, self._rollout(problems),
+                                     self.cfg, self.compute_dtype)
+        with open(os.path.join(self.cfg.out_dir, MEMORY_NAME), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        self.log.write({"step": self.step, "phase": "memory", **report})
+        return report
+
+
+def _postfix(record: Dict, last_eval: Optional[Dict]) -> Dict:
+    out = {}
+    if record.get("loss") is not None:
+        out["loss"] = f"{record['loss']:.3f}"
+    if "reward" in record:
+        out["reward"] = f"{record['reward']:.3f}"
+    if last_eval:
+        out["heldout_acc"] = f"{last_eval['heldout_accuracy']:.3f}"
+    return out
+
+
+def summarise(records: List[Dict], window: int = 50) -> Dict:
+    """Start vs end of the RL phase: mean sampled reward over the first and last ``window``
+    steps, and held-out greedy accuracy at the start and the end of RL."""
+    rl = [r for r in records if r.get("phase") == "rl"]
+    evals = [r for r in records if r.get("phase") == "eval"]
+    out: Dict = {}
+    if rl:
+        w = min(window, len(rl))
+        out.update(rl_steps=len(rl), window=w,
+                   reward_first=float(np.mean([r["reward"] for r in rl[:w]])),
+                   reward_last=float(np.mean([r["reward"] for r in rl[-w:]])),
+                   train_accuracy_first=float(np.mean([r["accuracy"] for r in rl[:w]])),
+                   train_accuracy_last=float(np.mean([r["accuracy"] for r in rl[-w:]])))
+    if evals:
+        out.update(heldout_accuracy_start=evals[0]["heldout_accuracy"],
+                   heldout_accuracy_end=evals[-1]["heldout_accuracy"],
+                   heldout_reward_start=evals[0]["heldout_reward"],
+                   heldout_reward_end=evals[-1]["heldout_reward"])
+    steps = [r for r in records if "step_s" in r]
+    out["train_s"] = float(sum(r["step_s"] for r in steps))
+    return out
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Runs (or resumes) one training run; returns its records, summary and file paths."""
+    return Trainer(cfg).run()
+
+
+def compare(cfg: TrainConfig, losses: List[str]) -> Dict[str, TrainResult]:
+    """Trains each loss on the same seeds (same warm start, same prompts), each in
+    ``<out_dir>/<loss>``, and plots them together in ``<out_dir>/compare.png``."""
+    from .plotting import plot_runs
+    base = cfg.out_dir or default_out_dir(cfg.replace(name=cfg.name or "compare-" + "-".join(losses)))
+    results = {}
+    for loss in losses:
+        results[loss] = train(cfg.replace(loss=loss, out_dir=os.path.join(base, loss),
+                                          resume=None))
+    plot = plot_runs({k: r.records for k, r in results.items()}, os.path.join(base, "compare.png"))
+    with open(os.path.join(base, "compare.json"), "w", encoding="utf-8") as f:
+        json.dump({k: r.summary for k, r in results.items()}, f, indent=2)
+    for r in results.values():
+        r.compare_plot = plot
+    return results
