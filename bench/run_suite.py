@@ -1,0 +1,456 @@
+"""Runs the benchmark suite and writes JSON + markdown + PNG.
+
+  python -m bench.run_suite --smoke                      # CPU, seconds; CI runs it
+  python -m bench.run_suite --full --out bench/results/h100   # GPU sweep, about 8 minutes on an H100
+  python -m bench.run_suite --shapes 8192x4096x151936 --layouts dense --methods 'gemm,gift_fast*'
+
+Every method of a case runs in this one process on the same tensors, so every ratio is fair.
+A method that cannot run is reported with its status (``unavailable: ...``, ``oom``,
+``skipped: ...``, ``error: ...``), never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gc
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import report
+from .audit import audit_method
+from .inputs import Shape, make_inputs, make_layout
+from .methods import (GIFT_FAST_FOR, KINDS, REGISTRY, Context, make_runner, method_names,
+                      unavailable_reason)
+from .status import classify_exception
+from .timing import measure
+
+LAYOUT_OBJECTIVES = {"dense": ("gemm", "logp", "sft"), "rl": ("gemm", "gift", "grpo", "dpo")}
+
+# Methods of the N sweep outside the headline shape (all registry methods run at the headline).
+CORE = ["gemm", "naive+*", "compile+*", "torch_lce+*", "liger_flce+*", "cce+*", "gift_fast+*",
+        "gift_fast.*_loss", "liger.*"]
+EXTENDED_ONLY = ["torch_lce_ar1+*", "gift_fast.torch+*", "gift_fast.reference+*"]
+
+HEADLINE = Shape(8192, 4096, 151936)
+FULL_NS = (2048, 8192, 16384, 32768)
+FULL_HV = ((4096, 151936), (4096, 128256), (2304, 256000))
+
+
+@dataclass
+class CaseSpec:
+    shape: Shape
+    layout: str
+    inputs: str
+    methods: List[str]
+    kinds: Sequence[str] = KINDS
+    objectives: Optional[Sequence[str]] = None   # None: all the layout allows
+
+    @property
+    def case_id(self) -> str:
+        s = self.shape
+        return f"{self.layout}/{self.inputs}/N{s.n}_H{s.h}_V{s.v}"
+
+
+def _layout_kind(layout: str) -> str:
+    return "dense" if layout == "dense" else "rl"
+
+
+def _filter(names: List[str], patterns: Optional[List[str]]) -> List[str]:
+    if not patterns:
+        return names
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def methods_for(layout: str, names: List[str], objectives: Optional[Sequence[str]] = None):
+    allowed = LAYOUT_OBJECTIVES[_layout_kind(layout)]
+    if objectives:
+        allowed = [o for o in allowed if o in objectives or o == "gemm"]
+    return [n for n in names if REGISTRY[n].objective in allowed]
+
+
+# ------------------------------------------------------------------------------------ presets
+
+SMOKE_EXCLUDE = ["torch_lce_ar1+*", "gift_fast.torch+*", "gift_fast.reference+sft",
+                 "gift_fast.reference+g*", "gift_fast.reference+dpo"]
+
+
+def smoke_plan(method_patterns=None) -> List[CaseSpec]:
+    """Tiny CPU cases: two N for the plots, both layouts, peaked inputs once."""
+    names = method_names(method_patterns)
+    if not method_patterns:
+        names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in SMOKE_EXCLUDE)]
+    plan = [CaseSpec(Shape(n, 16, 128), "dense", "random", methods_for("dense", names))
+            for n in (32, 64)]
+    plan.append(CaseSpec(Shape(64, 16, 128), "rl-g8", "random", methods_for("rl-g8", names)))
+    plan.append(CaseSpec(Shape(64, 16, 128), "dense", "peaked", methods_for("dense", names, ["logp"])))
+    return plan
+
+
+def full_plan(method_patterns=None) -> List[CaseSpec]:
+    """Priority order: what the goals need first, so a time-budget cut loses the least."""
+    every = method_names(method_patterns)
+    core = _filter(every, CORE)
+    plan: List[CaseSpec] = []
+    # Tier A: the headline shape, every method, both input kinds, both group sizes.
+    for layout, kind in (("dense", "random"), ("rl-g8", "random"), ("dense", "peaked"),
+                         ("rl-g8", "peaked"), ("rl-g16", "random")):
+        plan.append(CaseSpec(HEADLINE, layout, kind, methods_for(layout, every)))
+    # Tier B: the N sweep and the other vocabularies, core methods, random inputs.
+    sweep = [Shape(n, h, v) for (h, v) in FULL_HV for n in FULL_NS]
+    sweep = [s for s in sweep if s != HEADLINE]
+    for s in sweep:
+        plan.append(CaseSpec(s, "dense", "random", methods_for("dense", core, ["logp"])))
+        plan.append(CaseSpec(s, "rl-g8", "random", methods_for("rl-g8", core, ["gift"]),
+                             kinds=("fwd+bwd",)))
+    # Tier C: peaked inputs and the other RL losses across the sweep.
+    for s in sweep:
+        plan.append(CaseSpec(s, "dense", "peaked", methods_for("dense", core, ["logp"]),
+                             kinds=("fwd+bwd",)))
+        plan.append(CaseSpec(s, "rl-g8", "random", methods_for("rl-g8", core, ["grpo", "dpo"]),
+                             kinds=("fwd+bwd",)))
+    return plan
+
+
+def custom_plan(shapes, layouts, inputs, method_patterns, kinds) -> List[CaseSpec]:
+    names = method_names(method_patterns)
+    return [CaseSpec(s, lay, kind, methods_for(lay, names), kinds)
+            for s in shapes for lay in layouts for kind in inputs]
+
+
+# ------------------------------------------------------------------------------------ running
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free
+
+
+def run_case(spec: CaseSpec, ctx: Context, *, deadline: float, repeats: dict, progress,
+             seed: int = 0) -> dict:
+    shape = spec.shape
+    case = {"id": spec.case_id, "shape": {"n": shape.n, "h": shape.h, "v": shape.v},
+            "inputs": spec.inputs, "results": []}
+    try:
+        layout = make_layout(spec.layout, shape.n)
+        inp = make_inputs(shape, layout, spec.inputs, device=ctx.device, seed=seed)
+    except Exception as e:  # noqa: BLE001
+        status = classify_exception(e, ctx.device)
+        case["layout"] = {"name": spec.layout}
+        case["status"] = f"inputs: {status}"
+        for name in spec.methods:
+            for kind in spec.kinds:
+                case["results"].append(_result_row(name, kind, f"skipped: inputs {status}"))
+                progress.update(1)
+        return case
+    case["layout"] = layout.to_json()
+    case["layout"]["active_fraction"] = float(inp.mask.float().mean())
+    case["mean_entropy"] = inp.mean_entropy
+    case["status"] = "ok"
+    big = shape.n * shape.v >= 8192 * 151936
+    for name in spec.methods:
+        method = REGISTRY[name]
+        for kind in spec.kinds:
+            progress.set_postfix_str(f"{spec.case_id} {name} {kind}"[-70:])
+            row = _result_row(name, kind, None)
+            status = unavailable_reason(method, ctx)
+            free = _free_bytes(ctx.device)
+            need = method.estimate_bytes(shape)
+            if status is None and free is not None and need > 0.9 * free:
+                status = (f"skipped: would need ~{need / 2**30:.1f} GiB "
+                          f"(free {free / 2**30:.1f} GiB)")
+            if status is None and time.perf_counter() > deadline:
+                status = "skipped: time budget of the sweep spent"
+            if status is None:
+                try:
+                    fn = make_runner(method, inp, kind, ctx)
+                    m = measure(fn, ctx.device, min_repeats=repeats["min"],
+                                max_repeats=repeats["max_big"] if big else repeats["max"],
+                                target_ms=repeats["target_ms"])
+                    row.update(m.to_json())
+                    status = "ok"
+                except Exception as e:  # noqa: BLE001 - reported per method, never dropped
+                    status = classify_exception(e, ctx.device)
+                finally:
+                    fn = None
+                    if ctx.device.type == "cuda":   # gc is slow; only worth it for GPU memory
+                        gc.collect()
+                        torch.cuda.empty_cache()
+            row["status"] = status
+            case["results"].append(row)
+            progress.update(1)
+    del inp
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return case
+
+
+def _result_row(name: str, kind: str, status: Optional[str]) -> dict:
+    m = REGISTRY[name]
+    return {"method": name, "kind": kind, "objective": m.objective, "engine": m.engine,
+            "peer": m.peer, "note": m.note, "status": status, "median_ms": None,
+            "peak_mem_bytes": None}
+
+
+# --------------------------------------------------------------------------------- derived
+
+def add_ratios(case: dict) -> None:
+    """ratio_to_gemm / mem_ratio_to_gemm per result (same kind, same case)."""
+    gemm = {r["kind"]: r for r in case["results"] if r["method"] == "gemm" and r["status"] == "ok"}
+    for r in case["results"]:
+        g = gemm.get(r["kind"])
+        r["ratio_to_gemm"] = _ratio(r.get("median_ms"), g and g["median_ms"]) if r["status"] == "ok" else None
+        r["mem_ratio_to_gemm"] = (_ratio(r.get("peak_mem_bytes"), g and g["peak_mem_bytes"])
+                                  if r["status"] == "ok" else None)
+
+
+def _ratio(a, b) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+def comparisons(cases: List[dict]) -> List[dict]:
+    """gift_fast against every peer path on the same objective, case and kind."""
+    out = []
+    for case in cases:
+        by_name = {(r["method"], r["kind"]): r for r in case["results"]}
+        for r in case["results"]:
+            if not r["peer"]:
+                continue
+            ours_name = GIFT_FAST_FOR.get(r["objective"])
+            ours = by_name.get((ours_name, r["kind"]))
+            if ours is None:
+                continue
+            both = r["status"] == "ok" and ours["status"] == "ok"
+            out.append({"case": case["id"], "kind": r["kind"], "objective": r["objective"],
+                        "method": ours_name, "baseline": r["method"],
+                        "method_status": ours["status"], "baseline_status": r["status"],
+                        "speedup": _ratio(r["median_ms"], ours["median_ms"]) if both else None,
+                        "mem_ratio": (_ratio(ours["peak_mem_bytes"], r["peak_mem_bytes"])
+                                      if both else None)})
+    return out
+
+
+def goals(cases: List[dict], is_perf: bool) -> List[dict]:
+    """The three goals of issue 5, evaluated on whatever this run measured."""
+    def find(case_id, method, kind):
+        for c in cases:
+            if c["id"] == case_id:
+                for r in c["results"]:
+                    if r["method"] == method and r["kind"] == kind:
+                        return r
+        return None
+
+    res = []
+    hl = f"dense/random/N{HEADLINE.n}_H{HEADLINE.h}_V{HEADLINE.v}"
+    r = find(hl, "gift_fast+logp", "fwd+bwd")
+    val = r and r.get("ratio_to_gemm")
+    res.append({"goal": "linear_logprobs dense fwd+bwd <= 1.5x bare GEMM at N=8192 H=4096 V=151936",
+                "case": hl, "value": val, "target": 1.5,
+                "met": (val <= 1.5) if (is_perf and val is not None) else None,
+                "note": None if r else "headline case not in this run"
+                if r is None else None})
+    # gift_loss faster than every peer path (fwd+bwd), per RL case.
+    per_case = []
+    for c in cases:
+        by = {(x["method"], x["kind"]): x for x in c["results"]}
+        ours = by.get(("gift_fast.gift_loss", "fwd+bwd"))
+        if ours is None:
+            continue
+        peers = [x for x in c["results"] if x["peer"] and x["objective"] == "gift"
+                 and x["kind"] == "fwd+bwd" and x["status"] == "ok"]
+        if ours["status"] != "ok" or not peers:
+            per_case.append({"case": c["id"], "gift_loss_status": ours["status"],
+                             "fastest_peer": None, "speedup_vs_fastest_peer": None})
+            continue
+        best = min(peers, key=lambda x: x["median_ms"])
+        per_case.append({"case": c["id"], "gift_loss_status": "ok", "fastest_peer": best["method"],
+                         "speedup_vs_fastest_peer": best["median_ms"] / ours["median_ms"]})
+    sp = [p["speedup_vs_fastest_peer"] for p in per_case]
+    met = (all(s is not None and s > 1 for s in sp) if (is_perf and sp) else None)
+    res.append({"goal": "gift_loss faster than every peer path on the same work (fwd+bwd)",
+                "value": min([s for s in sp if s is not None], default=None), "target": 1.0,
+                "met": met, "per_case": per_case})
+    # Extra memory flat in V: scratch bytes (peak minus returned loss/dX/dW) of linear_logprobs.
+    flat = []
+    for c in cases:
+        if not c["id"].startswith("dense/random/"):
+            continue
+        r = next((x for x in c["results"] if x["method"] == "gift_fast+logp"
+                  and x["kind"] == "fwd+bwd" and x["status"] == "ok"), None)
+        if r is not None and r.get("scratch_bytes") is not None:
+            flat.append({"n": c["shape"]["n"], "h": c["shape"]["h"], "v": c["shape"]["v"],
+                         "scratch_bytes": r["scratch_bytes"], "peak_mem_bytes": r["peak_mem_bytes"]})
+    ratio = None
+    for n in sorted({f["n"] for f in flat}):
+        rows = [f for f in flat if f["n"] == n and f["h"] == 4096]
+        if len(rows) >= 2:
+            lo, hi = min(rows, key=lambda f: f["v"]), max(rows, key=lambda f: f["v"])
+            if lo["scratch_bytes"]:
+                ratio = max(ratio or 0.0, hi["scratch_bytes"] / lo["scratch_bytes"])
+    res.append({"goal": "extra memory of linear_logprobs fwd+bwd flat in V (scratch ratio across "
+                        "V=128256..151936 at H=4096, same N, <= 1.1)",
+                "value": ratio, "target": 1.1,
+                "met": (ratio <= 1.1) if (is_perf and ratio is not None) else None,
+                "points": flat})
+    return res
+
+
+# ------------------------------------------------------------------------------------ main
+
+def _progress(total: int):
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, unit="run", file=sys.stderr, mininterval=1.0)
+        except ImportError:  # pragma: no cover
+            pass
+
+    class Plain:
+        """One line per case on logs (a tqdm bar in a log file is unreadable)."""
+        def __init__(self):
+            self.n, self.t0, self.last = 0, time.perf_counter(), ""
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, s):
+            case = s.split(" ")[0]
+            if case != self.last:
+                self.last = case
+                print(f"[bench {time.perf_counter() - self.t0:6.0f} s] {self.n}/{total} {case}",
+                      file=sys.stderr, flush=True)
+
+        def close(self):
+            print(f"[bench {time.perf_counter() - self.t0:6.0f} s] {self.n}/{total} done",
+                  file=sys.stderr, flush=True)
+    return Plain()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.run_suite", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="CPU smoke run, seconds (CI)")
+    mode.add_argument("--full", action="store_true", help="the GPU sweep (about 8 min on an H100)")
+    p.add_argument("--shapes", help="comma list of NxHxV, e.g. 8192x4096x151936")
+    p.add_argument("--layouts", default="dense,rl-g8", help="comma list: dense, rl-g8, rl-g16")
+    p.add_argument("--inputs", default="random", help="comma list: random, peaked")
+    p.add_argument("--methods", help="comma list of method names or fnmatch patterns")
+    p.add_argument("--kinds", default="fwd,fwd+bwd", help="comma list: fwd, fwd+bwd")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<mode>)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the timed sweep; later runs are reported as skipped")
+    p.add_argument("--no-audit", action="store_true", help="skip the float64 error audit")
+    p.add_argument("--audit-shape", default=None, help="NxHxV of the audit (small)")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.list:
+        for name, m in REGISTRY.items():
+            print(f"{name:32s} {m.objective:5s} requires={','.join(m.requires) or '-':28s} {m.note}")
+        return {}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.smoke:
+        device = torch.device(args.device or "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)   # shared CPUs: thread spinning dominates tiny shapes otherwise
+    ctx = Context(device=device, smoke=args.smoke)
+    patterns = [p.strip() for p in args.methods.split(",")] if args.methods else None
+
+    if args.smoke:
+        mode, plan = "smoke", smoke_plan(patterns)
+        budget = args.time_budget or 60.0
+        repeats = {"min": 2, "max": 3, "max_big": 3, "target_ms": 5.0}
+        audit_shape = Shape.parse(args.audit_shape or "32x16x128")
+    elif args.full:
+        mode, plan = "full", full_plan(patterns)
+        budget = args.time_budget or 400.0
+        repeats = {"min": 3, "max": 20, "max_big": 5, "target_ms": 300.0}
+        audit_shape = Shape.parse(args.audit_shape or "1024x512x8192")
+    else:
+        if not args.shapes:
+            raise SystemExit("give --smoke, --full, or --shapes")
+        mode = "custom"
+        shapes = [Shape.parse(s) for s in args.shapes.split(",")]
+        plan = custom_plan(shapes, args.layouts.split(","), args.inputs.split(","), patterns,
+                           tuple(args.kinds.split(",")))
+        budget = args.time_budget or 1e9
+        cpu = device.type != "cuda"
+        repeats = ({"min": 2, "max": 5, "max_big": 3, "target_ms": 50.0} if cpu else
+                   {"min": 3, "max": 20, "max_big": 5, "target_ms": 300.0})
+        audit_shape = Shape.parse(args.audit_shape or ("32x16x128" if cpu else "1024x512x8192"))
+    out_dir = Path(args.out or f"bench/results/{mode}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    doc = report.new_document(mode, device, budget, repeats)
+    total = sum(len(c.methods) * len(c.kinds) for c in plan)
+    print(f"[bench] {doc['label']}: {len(plan)} cases, {total} runs on {doc['env']['device']}; "
+          f"budget {budget:.0f} s -> {out_dir}", file=sys.stderr, flush=True)
+    t_start = time.perf_counter()
+    deadline = t_start + budget
+    progress = _progress(total)
+    for spec in plan:
+        case = run_case(spec, ctx, deadline=deadline, repeats=repeats, progress=progress)
+        add_ratios(case)
+        doc["cases"].append(case)
+        report.write_json(doc, out_dir)          # partial results survive a killed run
+    progress.close()
+    doc["sweep_seconds"] = time.perf_counter() - t_start
+
+    if not args.no_audit:
+        names = [n for n in method_names(patterns) if n != "gemm"]
+        names = [n for n in names if n in {m for c in plan for m in c.methods}]
+        doc["audit"] = run_audit(audit_shape, names, ctx,
+                                 kinds=("random",) if args.smoke else ("random", "peaked"))
+    doc["comparisons"] = comparisons(doc["cases"])
+    doc["goals"] = goals(doc["cases"], doc["is_performance_result"])
+    doc["total_seconds"] = time.perf_counter() - t_start
+    paths = report.write_all(doc, out_dir)
+    print(report.summary_text(doc), flush=True)
+    print(f"[bench] wrote {', '.join(str(p) for p in paths)}", file=sys.stderr, flush=True)
+    return doc
+
+
+def run_audit(shape: Shape, names: List[str], ctx: Context, kinds=("random", "peaked")) -> dict:
+    """Every method against float64 on a small shape. The anchor / reference log-probs are drawn
+    further from the current policy than in the timed cases (noise 0.5 instead of 0.02): GIFT's
+    z-score of near-equal sequence log-ratios is ill-conditioned, and bf16 logit rounding would
+    then dominate every method's error, the float64 path's own inputs included."""
+    rows = []
+    for kind in kinds:
+        for layout_name in ("dense", "rl-g8"):
+            try:
+                layout = make_layout(layout_name, shape.n)
+                inp = make_inputs(shape, layout, kind, device=ctx.device, seed=1,
+                                  anchor_noise=0.5)
+            except Exception as e:  # noqa: BLE001
+                rows.append({"method": "*", "inputs": kind, "layout": layout_name,
+                             "status": f"inputs: {classify_exception(e, ctx.device)}"})
+                continue
+            for name in methods_for(layout_name, names):
+                method = REGISTRY[name]
+                reason = unavailable_reason(method, ctx)
+                if reason:
+                    rows.append({"method": name, "objective": method.objective, "inputs": kind,
+                                 "layout": layout_name, "status": reason, "rel_err_loss": None,
+                                 "rel_err_dx": None, "rel_err_dw": None})
+                    continue
+                rows.append(audit_method(method, inp, ctx))
+    return {"shape": {"n": shape.n, "h": shape.h, "v": shape.v}, "dtype": "bfloat16",
+            "reference": "float64 materialised logits, same epilogue", "results": rows}
+
+
+if __name__ == "__main__":
+    main()
