@@ -218,7 +218,7 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
             "correlation": (rho.sum() / n_def.clamp_min(1)).float(),
             "uniform_reward_frac": uniform_g.to(torch.float32).mean(),
             "loss_groups": (~uniform_g).to(torch.float32).sum() if drop_uniform_groups
-            else torch.tensor(float(n_groups)),
+            else torch.tensor(float(n_groups), device=lp.device),
         }
     return loss, metrics
 
