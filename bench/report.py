@@ -227,7 +227,8 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
             ax.set_xlabel("N tokens")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
         fig.suptitle(f"gift_fast bench: {doc['env']['device']}{suffix}", fontsize=11)
