@@ -1,9 +1,11 @@
 """Fused loss front-ends (form (b)): hidden states + lm_head weight in, ``(loss, metrics)`` out.
 
 Every front-end validates its inputs, gets the per-token log-probs of the targets from ONE
-internal function, :func:`_policy_logps` (today :func:`gift_fast.linear_logprobs`; the place to
-route Triton-fused paths later), then applies the matching epilogue of
-:mod:`gift_fast.functional`. The [N, V] logits are never materialised on the triton and torch
+internal function, :func:`_policy_logps` (:func:`gift_fast.linear_logprobs`), then applies the
+matching epilogue of :mod:`gift_fast.functional`. On the triton backend two fused paths replace
+that composition: GIFT runs as one two-phase op (``backends.triton_gift``) and the token-local
+losses (GRPO, f-divergence SFT, DFT) as one-pass ops that compute dX/dW inside the forward
+(``backends.triton_token_local``); both are tested equal to the composed path. The [N, V] logits are never materialised on the triton and torch
 backends.
 
 Layouts: padded ``hidden [B, T, H]`` with ``targets [B, T]`` (rows equal to ``ignore_index`` are
@@ -17,7 +19,10 @@ from typing import Optional
 import torch
 
 from . import functional as Fn
+from .backends import resolve_backend
 from .logprobs import linear_logprobs
+from .sequences import check_like, group_index, make_layout
+from .validation import check_linear_inputs
 
 __all__ = [
     "gift_loss", "grpo_loss", "group_advantages", "dpo_loss", "ipo_loss", "simpo_loss",
@@ -64,6 +69,51 @@ def _front(hidden, weight, targets, bias, temperature, ignore_index, backend, so
     return logps, targets != ignore_index
 
 
+def _token_local(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                 cu_seqlens, epilogue):
+    """Token-local losses (dL/dlogp_n depends on row n only): ``epilogue(logps, mask)``.
+
+    On the triton backend, with gradients wanted, the one-pass op computes dX/dW inside the
+    forward (backward only scales them); elsewhere log-probs and epilogue are composed.
+    """
+    _check_layout(hidden, targets, cu_seqlens)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if wants_grad and resolve_backend(backend, hidden.device) == "triton":
+        from .backends.triton_token_local import one_pass_token_local
+        h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
+                                           ignore_index)
+        mask = targets != ignore_index
+        return one_pass_token_local(h2, weight, bias, t1,
+                                    lambda lp: epilogue(lp.reshape(lead), mask),
+                                    temperature=temperature, softcap=softcap,
+                                    ignore_index=ignore_index)
+    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
+                         cu_seqlens)
+    return epilogue(logps, mask)
+
+
+def _fused_gift(hidden, weight, targets, anchor_logps, rewards, group_size, cu_seqlens, bias,
+                **kw):
+    """GIFT through the triton two-phase op (forward kernel, epilogue kernel, one backward)."""
+    from .backends.triton_gift import fused_gift_loss
+    h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, kw["temperature"],
+                                       kw["softcap"], kw["ignore_index"])
+    Fn.check_choice("std", kw["std"], Fn.STD_CHOICES)
+    Fn._check_number("beta", kw["beta"])
+    Fn._check_number("eps", kw["eps"], 0.0)
+    Fn._check_number("length_norm", kw["length_norm"], 0.0, 1.0)
+    check_like("anchor_logps", anchor_logps, targets, "one value per token, like targets")
+    layout = make_layout(anchor_logps, cu_seqlens, "anchor_logps")
+    Fn._per_seq("rewards", rewards, layout, anchor_logps)
+    group_index(layout.n_seq, group_size, None, hidden.device)
+    if cu_seqlens is None:
+        B, T = lead
+        cu_seqlens = torch.arange(B + 1, device=hidden.device) * T
+    return fused_gift_loss(h2, weight, bias, t1, anchor_logps, rewards, cu_seqlens, group_size,
+                           **kw)
+
+
 def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None, group_ids=None,
               cu_seqlens=None, bias=None, beta=1.0, eps=1e-6, std="unbiased", detach_stats=True,
               length_norm=0.0, drop_uniform_groups=False, temperature=1.0, softcap=None,
@@ -81,6 +131,14 @@ def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None
 
     Returns ``(loss, metrics)``.
     """
+    if (resolve_backend(backend, getattr(hidden, "device", torch.device("cpu"))) == "triton"
+            and detach_stats and group_ids is None and group_size is not None
+            and reduction in ("mean", "sum") and isinstance(hidden, torch.Tensor)):
+        _check_layout(hidden, targets, cu_seqlens)
+        return _fused_gift(hidden, weight, targets, anchor_logps, rewards, group_size, cu_seqlens,
+                           bias, beta=beta, eps=eps, std=std, length_norm=length_norm,
+                           drop_uniform_groups=drop_uniform_groups, temperature=temperature,
+                           softcap=softcap, ignore_index=ignore_index, reduction=reduction)
     logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
                          cu_seqlens)
     return Fn.gift_loss(logps, anchor_logps, rewards, mask=mask, cu_seqlens=cu_seqlens,
@@ -95,13 +153,12 @@ def grpo_loss(hidden, weight, targets, old_logps, advantages, *, ref_logps=None,
               ignore_index=-100, backend="auto"):
     """GRPO clipped surrogate (+ beta * k3 KL); ``advantages [B]`` e.g. from
     :func:`group_advantages`. See :func:`gift_fast.functional.grpo_loss`."""
-    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
-                         cu_seqlens)
-    return Fn.grpo_loss(logps, old_logps, advantages, mask=mask, cu_seqlens=cu_seqlens,
-                        ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low,
-                        epsilon_high=epsilon_high, loss_type=loss_type,
-                        max_completion_length=max_completion_length,
-                        num_items_in_batch=num_items_in_batch)
+    return _token_local(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, softcap, cu_seqlens,
+        lambda logps, mask: Fn.grpo_loss(
+            logps, old_logps, advantages, mask=mask, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
+            beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+            max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch))
 
 
 def dpo_loss(hidden, weight, targets, ref_logps, *, beta=0.1, label_smoothing=0.0, length_norm=0.0,
@@ -162,18 +219,18 @@ def fdiv_sft_loss(hidden, weight, targets, ref_logps=None, *, divergence="tv", b
                   backend="auto"):
     """f-divergence SFT (ours; ``divergence`` in tv, pearson, hellinger, kl, js)."""
     Fn.check_choice("divergence", divergence, Fn.DIVERGENCES)
-    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
-                         cu_seqlens)
-    return Fn.fdiv_sft_loss(logps, ref_logps, mask=mask, cu_seqlens=cu_seqlens,
-                            divergence=divergence, beta=beta)
+    return _token_local(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, softcap, cu_seqlens,
+        lambda logps, mask: Fn.fdiv_sft_loss(logps, ref_logps, mask=mask, cu_seqlens=cu_seqlens,
+                                             divergence=divergence, beta=beta))
 
 
 def dft_loss(hidden, weight, targets, *, cu_seqlens=None, bias=None, temperature=1.0, softcap=None,
              ignore_index=-100, backend="auto"):
     """Dynamic fine-tuning ``-mean sg(p) log p`` over active tokens."""
-    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
-                         cu_seqlens)
-    return Fn.dft_loss(logps, mask=mask, cu_seqlens=cu_seqlens)
+    return _token_local(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, softcap, cu_seqlens,
+        lambda logps, mask: Fn.dft_loss(logps, mask=mask, cu_seqlens=cu_seqlens))
 
 
 def ift_loss(hidden, weight, targets, *, gamma=0.95, bias=None, temperature=1.0, softcap=None,
