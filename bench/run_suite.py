@@ -97,9 +97,10 @@ def full_plan(method_patterns=None) -> List[CaseSpec]:
     core = _filter(every, CORE)
     plan: List[CaseSpec] = []
     # Tier A: the headline shape, every method, both input kinds, both group sizes.
-    for layout, kind in (("dense", "random"), ("rl-g8", "random"), ("dense", "peaked"),
-                         ("rl-g8", "peaked"), ("rl-g16", "random")):
-        plan.append(CaseSpec(HEADLINE, layout, kind, methods_for(layout, every)))
+    for layout, kind, objectives in (("dense", "random", None), ("rl-g8", "random", None),
+                                     ("dense", "peaked", ["logp"]), ("rl-g8", "peaked", ["gift"]),
+                                     ("rl-g16", "random", ["gift"])):
+        plan.append(CaseSpec(HEADLINE, layout, kind, methods_for(layout, every, objectives)))
     # Tier B: the N sweep and the other vocabularies, core methods, random inputs.
     sweep = [Shape(n, h, v) for (h, v) in FULL_HV for n in FULL_NS]
     sweep = [s for s in sweep if s != HEADLINE]
