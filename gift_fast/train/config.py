@@ -14,7 +14,7 @@ class TrainConfig:
     vocab: int = 2048                   # padded vocabulary size (exercises the large-vocab path)
     seed: int = 0
     # Supervised warm start (gold answers, the library's fused SFT loss)
-    sft_steps: int = 120
+    sft_steps: int = 550
     sft_batch: int = 64
     sft_lr: float = 3e-3
     # On-policy RL

@@ -101,7 +101,7 @@ def loss_from_hidden(name: str, hidden, weight, batch: Batch, cfg, backend: str 
                                        group_size=batch.group_size, **common, **beta)
     elif name == "una":
         # Online UNA scores every response against its reward, which already lies in [0, 1].
-        loss, m = _library("una_loss")(hidden, weight, t, batch.anchor_logps, kind="score",
+        loss, m = _library("una_loss")(hidden, weight, t, batch.anchor_logps, kind="score_mse",
                                        scores=batch.rewards, **common, **beta)
     elif name == "sft":
         loss, m = sft_nll(hidden, weight, t, T, backend)

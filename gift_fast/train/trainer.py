@@ -225,10 +225,14 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(_postfix(record, last_eval), refresh=False)
         bar.close()
+        memory = None
         if cfg.memory_report or (cfg.memory_report is None and cfg.model == "qwen2"):
-            self._memory_report()
+            memory = self._memory_report()
         result = TrainResult(cfg.out_dir, self.log.path, None, self.log.records,
                              summarise(self.log.records))
+        if memory is not None:
+            from .memory import format_report
+            result.summary["memory"] = format_report(memory)
         result.summary["wall_s_this_session"] = time.perf_counter() - start_time
         with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(result.summary, f, indent=2)
