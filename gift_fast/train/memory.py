@@ -10,8 +10,10 @@ the caching allocator's statistics, on CPU from the profiler's allocation events
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Callable, Dict
@@ -22,9 +24,24 @@ from .objectives import SUPERVISED, best_worst_pairs, loss_from_hidden
 from .rollout import Batch, response_hidden
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """The profiler's native library prints start/stop lines on fd 2; keep the console clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                         profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
