@@ -1,0 +1,10 @@
+"""The minimal training loop: GIFT (and baselines) end to end on 2-digit addition.
+
+``train(TrainConfig(...))`` runs one training run, ``compare(cfg, ["gift", "grpo"])`` several on
+the same seeds; the ``gift-fast train`` console script wraps both (see docs/training.md).
+Importing this package pulls in transformers; ``import gift_fast`` alone does not.
+"""
+from .config import TrainConfig
+from .trainer import TrainResult, compare, train
+
+__all__ = ["TrainConfig", "TrainResult", "train", "compare"]

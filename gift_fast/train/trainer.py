@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, validate
 from .metrics import MetricsLog, peak_memory_mib
 from .model import build_model
@@ -81,8 +81,10 @@ class Trainer:
             self.resume_state = load_checkpoint(cfg.resume)
             saved = TrainConfig.from_dict(self.resume_state["config"])
             # The run's identity comes from the checkpoint; only the length and UI may change.
+            # The run continues where its checkpoint lies (the directory may have been moved).
+            run_dir = os.path.dirname(os.path.abspath(checkpoint_path(cfg.resume)))
             cfg = saved.replace(rl_steps=cfg.rl_steps, progress=cfg.progress, plot=cfg.plot,
-                                resume=cfg.resume, out_dir=saved.out_dir)
+                                resume=cfg.resume, out_dir=run_dir)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if cfg.threads:
