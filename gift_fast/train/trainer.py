@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, checkpoint_path, load_checkpoint, restore_rng,
+                         save_checkpoint)
 from .config import TrainConfig, validate
 from .metrics import MetricsLog, peak_memory_mib
 from .model import build_model
