@@ -88,9 +88,8 @@ def _token_local(hidden, weight, targets, bias, temperature, ignore_index, backe
                                     lambda lp: epilogue(lp.reshape(lead), mask),
                                     temperature=temperature, softcap=softcap,
                                     ignore_index=ignore_index)
-    logps, mask = _front(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
-                         cu_seqlens)
-    return epilogue(logps, mask)
+    logps = _policy_logps(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap)
+    return epilogue(logps, targets != ignore_index)
 
 
 def _fused_gift(hidden, weight, targets, anchor_logps, rewards, group_size, cu_seqlens, bias,

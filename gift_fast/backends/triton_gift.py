@@ -34,8 +34,8 @@ class FusedGIFT(torch.autograd.Function):
         loss = out["err"].sum() / denom
         ctx.save_for_backward(hidden, weight, bias, y, lse, out["grad_rows"], denom)
         ctx.cfg = (temperature, softcap)
-        ctx.mark_non_differentiable(out["adv"], out["z"], out["s"], out["stats"])
-        return loss, out["adv"], out["z"], out["s"], out["stats"]
+        ctx.mark_non_differentiable(out["adv"], out["z"], out["stats"])
+        return loss, out["adv"], out["z"], out["stats"]
 
     @staticmethod
     def backward(ctx, d_loss, *_unused):
@@ -70,7 +70,7 @@ def fused_gift_loss(h2, weight, bias, t1, anchor, rewards, cu_seqlens, group_siz
     """Flattened inputs: h2 [N, H], t1 / anchor [N], rewards [B], cu_seqlens [B+1] int64."""
     B = rewards.numel()
     group_ptr = torch.arange(0, B + 1, group_size, device=h2.device, dtype=torch.int64)
-    loss, adv, z, _s, stats = FusedGIFT.apply(
+    loss, adv, z, stats = FusedGIFT.apply(
         h2, weight, bias, t1, anchor.reshape(-1), rewards, cu_seqlens.long().contiguous(),
         group_ptr, float(temperature), softcap, ignore_index, float(beta), float(eps),
         float(length_norm), std == "unbiased", bool(drop_uniform_groups), group_size,
