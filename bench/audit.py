@@ -6,8 +6,7 @@ float64). Errors are ``||out - ref|| / ||ref||``. Run on a small shape, where fl
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 

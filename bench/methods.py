@@ -24,7 +24,7 @@ kind ``fwd`` returns the loss computed under ``no_grad``; kind ``fwd+bwd`` retur
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

@@ -4,7 +4,6 @@ Values and gradients w.r.t. the per-token log-probs in float64 must agree to 1e-
 1e-12 (absolute); float32 / float16 inputs to the float32-accumulation tolerance stated per test.
 torch.autograd.gradcheck runs on every epilogue in float64.
 """
-import math
 
 import pytest
 import torch
