@@ -148,7 +148,10 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
 
     ``A`` standardises the rewards within each group, ``z`` the sequence log-ratios
     ``s_i = sum m (logp - anchor) / |y|^length_norm`` within each group (statistics detached unless
-    ``detach_stats=False``). A group of one has ``A = R`` and ``z = 0``.
+    ``detach_stats=False``). A group of one follows the authors' code (mean 0 and std 1 for the
+    rewards, the detached ``s`` and std 1 for the implicit rewards): ``A = R / (1 + eps)`` and
+    ``z = (s - stopgrad(s)) / (1 + eps)``, 0 in value but with gradient ``1 / (1 + eps)``, so the
+    sequence is still trained. A group whose rewards are all equal has ``A = 0`` exactly.
     ``drop_uniform_groups`` skips groups whose rewards are all equal (groups of one included): they
     add nothing to the loss or the normaliser. ``reduction="none"`` returns the per-sequence terms
     (zero for dropped sequences).
@@ -183,12 +186,13 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     r_mean, r_std = group_mean_std(r, grp, n_groups, counts, std)
     a = (r - r_mean.index_select(0, grp)) / (r_std.index_select(0, grp) + eps)
     a = torch.where(uniform, torch.zeros_like(a), a)             # exactly 0, no rounding noise
-    a = torch.where(single, r, a)
+    a = torch.where(single, r / (1 + eps), a)                      # authors: mean 0, std 1
 
     s_stat = s.detach() if detach_stats else s
     s_mean, s_std = group_mean_std(s_stat, grp, n_groups, counts, std)
     z = (s - s_mean.index_select(0, grp)) / (s_std.index_select(0, grp) + eps)
-    z = torch.where(single, torch.zeros_like(z), z)
+    # A group of one: detached mean s, std 1 (authors' code) -> 0 in value, gradient 1/(1+eps).
+    z = torch.where(single, (s - s.detach()) / (1 + eps), z)
 
     per = (a - beta * z) ** 2
     if drop_uniform_groups:
