@@ -21,5 +21,10 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel>=0.8", "cut-cross-entropy"],
         "train": ["transformers>=4.45", "tokenizers", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["gift-fast=gift_fast.cli:main"]},
+    entry_points={
+        "console_scripts": ["gift-fast=gift_fast.cli:main"],
+        # verl (>= 0.9) imports every "verl.plugins" entry point on `import verl`, in every worker:
+        # this registers GIFT with verl's registries (gift_fast.integrations.verl.register).
+        "verl.plugins": ["gift_fast = gift_fast.integrations.verl"],
+    },
 )

@@ -85,8 +85,8 @@ def _check_matrix(name: str, t, shape=None, floating: bool = True) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if floating and not t.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected shape (batch, response_length), got {tuple(t.shape)}")
+    if t.dim() != 2 or t.shape[1] == 0:
+        raise ValueError(f"{name}: expected shape (batch, response_length >= 1), got {tuple(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} (like response_mask), got {tuple(t.shape)}")
 

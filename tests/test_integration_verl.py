@@ -1,0 +1,237 @@
+"""gift_fast.integrations.verl without verl installed.
+
+The two verl functions against the independent float64 transcription of the authors' algorithm
+(tests/gift_authors_reference), in verl's layout: numpy object arrays of uid strings, interleaved
+groups, prefix response masks, config objects. Registration is tested with a fake ``verl`` module
+providing the registries (monkeypatched sys.modules), and through the setup.py plugin entry point.
+"""
+import importlib
+import importlib.metadata
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gift_fast.functional as Fn
+from tests.gift_authors_reference import authors_advantage, authors_policy_loss
+
+F64 = torch.float64
+TOL = dict(rtol=1e-12, atol=1e-13)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _verl_module():
+    return importlib.import_module("gift_fast.integrations.verl")
+
+
+def verl_batch(group_sizes, T, seed, dtype=F64, empty=()):
+    g = torch.Generator().manual_seed(seed)
+    uids = [f"uid-{k}" for k, n in enumerate(group_sizes) for _ in range(n)]
+    perm = torch.randperm(len(uids), generator=g).tolist()
+    index = np.array([uids[i] for i in perm], dtype=object)
+    B = len(index)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    for i in empty:
+        lengths[i] = 0
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(dtype)
+    scores = torch.randn(B, generator=g, dtype=F64)
+    token_rewards = torch.zeros(B, T, dtype=F64)
+    token_rewards[torch.arange(B), (lengths - 1).clamp_min(0)] = scores   # verl: reward on the last token
+    old = (-torch.rand(B, T, generator=g, dtype=F64) * 3) * mask.to(F64)
+    logp = (old + 0.2 * torch.randn(B, T, generator=g, dtype=F64)) * mask.to(F64)
+    return (token_rewards.to(dtype), mask, index, old.to(dtype),
+            logp.to(dtype).requires_grad_(True), scores)
+
+
+SIZES = [[4, 1, 3, 4], [1, 1], [8, 2, 5]]
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "-".join(map(str, s)))
+def test_advantage_equals_authors(sizes):
+    V = _verl_module()
+    rewards, mask, index, *_ = verl_batch(sizes, 7, seed=sum(sizes))
+    adv, ret = V.compute_gift_outcome_advantage(rewards, mask, index, epsilon=1e-6)
+    assert adv is ret and adv.shape == rewards.shape and adv.dtype == rewards.dtype
+    torch.testing.assert_close(adv, authors_advantage(rewards, mask, index), **TOL)
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+def test_policy_loss_equals_authors(sizes, beta):
+    V = _verl_module()
+    rewards, mask, index, old, logp, _ = verl_batch(sizes, 7, seed=10 + sum(sizes), empty=(1,))
+    adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
+    cfg = types.SimpleNamespace(kl_loss_coef=beta, epsilon=1e-6, clip_ratio=0.2)
+    ours, metrics = V.compute_policy_loss_gift(old_log_prob=old, log_prob=logp, advantages=adv,
+                                               response_mask=mask, loss_agg_mode="token-mean",
+                                               config=cfg, rollout_is_weights=None, index=index)
+    ref = authors_policy_loss(old, logp, authors_advantage(rewards, mask, index), mask, index,
+                              beta=beta)
+    torch.testing.assert_close(ours, ref, **TOL)
+    g_ours, = torch.autograd.grad(ours, logp)
+    g_ref, = torch.autograd.grad(ref, logp)
+    torch.testing.assert_close(g_ours, g_ref, **TOL)
+    assert g_ours.abs().max() > 0
+    for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert isinstance(metrics[key], float)
+    assert metrics["actor/ppo_kl"] == pytest.approx(((logp - old) * mask).sum(-1).mean().item())
+
+
+def test_verl_pipeline_equals_library_gift_loss():
+    """advantage estimator -> policy loss == gift_fast.functional.gift_loss on the same batch."""
+    V = _verl_module()
+    rewards, mask, index, old, logp, scores = verl_batch([3, 1, 5, 2], 6, seed=2)
+    adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
+    loss, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index)
+    group_ids, _ = V.gift_group_ids(index, len(index))
+    lib, _ = Fn.gift_loss(logp, old, scores, mask=mask.bool(), group_ids=group_ids)
+    torch.testing.assert_close(loss, lib, **TOL)
+    torch.testing.assert_close(*(torch.autograd.grad(x, logp)[0] for x in (loss, lib)), **TOL)
+
+
+def test_float32_close_to_authors_and_uniform_groups_exact():
+    V = _verl_module()
+    rewards, mask, index, old, logp, _ = verl_batch([4, 4, 1], 5, seed=4, dtype=torch.float32)
+    adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
+    torch.testing.assert_close(adv, authors_advantage(rewards, mask, index), rtol=1e-5, atol=1e-5)
+    loss, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index)
+    ref = authors_policy_loss(old, logp, adv, mask, index)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    # equal rewards in a group: exactly 0 here, rounding noise of order 1e-2 in the authors' code
+    same = torch.zeros(8, 3)
+    same[:, -1] = 0.9
+    adv_same, _ = V.compute_gift_outcome_advantage(same, torch.ones(8, 3), np.array(["p"] * 8, dtype=object))
+    assert torch.all(adv_same == 0)
+
+
+def test_config_variants_and_anchor_choice():
+    V = _verl_module()
+    rewards, mask, index, old, logp, _ = verl_batch([3, 3], 6, seed=7)
+    adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
+    default, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index)          # config None
+    as_dict, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index,
+                                            config={"kl_loss_coef": 1.0, "epsilon": 1e-6})
+    via_uid, _ = V.compute_policy_loss_gift(old, logp, adv, mask, uid=list(index))
+    torch.testing.assert_close(default, as_dict, **TOL)
+    torch.testing.assert_close(default, via_uid, **TOL)
+    # policy_loss.kl_source = "reference": ref_log_prob replaces old_log_prob as the anchor
+    ref_lp = old - 0.1 * mask
+    cfg = types.SimpleNamespace(kl_loss_coef=0.5, policy_loss={"kl_source": "reference"})
+    with_ref, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index, config=cfg,
+                                             ref_log_prob=ref_lp)
+    expect = authors_policy_loss(ref_lp, logp, adv, mask, index, beta=0.5)
+    torch.testing.assert_close(with_ref, expect, **TOL)
+    # response_length_penalty p: s divided by |y|^p (p = 1: per-token mean)
+    cfg = types.SimpleNamespace(response_length_penalty=1.0)
+    mean_norm, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index, config=cfg)
+    group_ids, _ = V.gift_group_ids(index, len(index))
+    scores = rewards.sum(-1)
+    lib, _ = Fn.gift_loss(logp, old, scores, mask=mask.bool(), group_ids=group_ids, length_norm=1.0)
+    torch.testing.assert_close(mean_norm, lib, **TOL)
+
+
+def test_bad_input_names_the_argument():
+    V = _verl_module()
+    rewards, mask, index, old, logp, _ = verl_batch([2, 2], 4, seed=1)
+    adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
+    with pytest.raises(ValueError, match="index: expected the uid"):
+        V.compute_policy_loss_gift(old, logp, adv, mask)
+    with pytest.raises(ValueError, match=r"index: expected 4 labels"):
+        V.compute_gift_outcome_advantage(rewards, mask, index[:3])
+    with pytest.raises(TypeError, match="index: labels must be hashable"):
+        V.compute_gift_outcome_advantage(rewards, mask, [{0}, {0}, {1}, {1}])
+    with pytest.raises(ValueError, match="log_prob: expected shape"):
+        V.compute_policy_loss_gift(old, logp[:, :2], adv, mask, index=index)
+    with pytest.raises(ValueError, match="token_level_rewards: expected finite"):
+        V.compute_gift_outcome_advantage(rewards * float("nan"), mask, index)
+    with pytest.raises(ValueError, match="ref_log_prob: required"):
+        V.compute_policy_loss_gift(old, logp, adv, mask, index=index,
+                                   config={"policy_loss": {"kl_source": "reference"}})
+    with pytest.raises(ValueError, match="config.kl_loss_coef"):
+        V.compute_policy_loss_gift(old, logp, adv, mask, index=index, config={"kl_loss_coef": "x"})
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        V.compute_policy_loss_gift(old, logp, adv, mask, index=index, loss_agg_mode="bogus")
+
+
+# ------------------------------------------------------------------------------ registration
+
+def _fake_verl(monkeypatch, preexisting=None):
+    """A stand-in for verl.trainer.ppo.core_algos with verl's registry semantics."""
+    core = types.ModuleType("verl.trainer.ppo.core_algos")
+    core.POLICY_LOSS_REGISTRY = {}
+    core.ADV_ESTIMATOR_REGISTRY = {}
+
+    def register_policy_loss(name):
+        def deco(fn):
+            core.POLICY_LOSS_REGISTRY[name] = fn
+            return fn
+        return deco
+
+    def register_adv_est(name):
+        def deco(fn):
+            if name in core.ADV_ESTIMATOR_REGISTRY and core.ADV_ESTIMATOR_REGISTRY[name] != fn:
+                raise ValueError(f"Adv estimator {name} has already been registered")
+            core.ADV_ESTIMATOR_REGISTRY[name] = fn
+            return fn
+        return deco
+
+    core.register_policy_loss = register_policy_loss
+    core.register_adv_est = register_adv_est
+    if preexisting:
+        core.POLICY_LOSS_REGISTRY["gift"] = preexisting
+        core.ADV_ESTIMATOR_REGISTRY["gift"] = preexisting
+    pkgs = {"verl": types.ModuleType("verl"), "verl.trainer": types.ModuleType("verl.trainer"),
+            "verl.trainer.ppo": types.ModuleType("verl.trainer.ppo")}
+    pkgs["verl"].trainer = pkgs["verl.trainer"]
+    pkgs["verl.trainer"].ppo = pkgs["verl.trainer.ppo"]
+    pkgs["verl.trainer.ppo"].core_algos = core
+    for name, mod in {**pkgs, "verl.trainer.ppo.core_algos": core}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(sys.modules, "gift_fast.integrations.verl", raising=False)
+    return core
+
+
+def test_import_registers_with_verl(monkeypatch):
+    core = _fake_verl(monkeypatch)
+    V = importlib.import_module("gift_fast.integrations.verl")
+    for name in ("gift_fast", "gift"):
+        assert core.POLICY_LOSS_REGISTRY[name] is V.compute_policy_loss_gift
+        assert core.ADV_ESTIMATOR_REGISTRY[name] is V.compute_gift_outcome_advantage
+    assert V.register() == ("gift_fast", "gift")            # idempotent
+
+
+def test_an_existing_gift_registration_is_kept(monkeypatch):
+    def authors_fn(*a, **k):
+        return None
+    core = _fake_verl(monkeypatch, preexisting=authors_fn)
+    V = importlib.import_module("gift_fast.integrations.verl")
+    assert core.POLICY_LOSS_REGISTRY["gift"] is authors_fn
+    assert core.ADV_ESTIMATOR_REGISTRY["gift"] is authors_fn
+    assert core.POLICY_LOSS_REGISTRY["gift_fast"] is V.compute_policy_loss_gift
+
+
+def test_import_without_verl_and_with_a_broken_verl(monkeypatch):
+    monkeypatch.setitem(sys.modules, "verl", None)             # "import verl" raises ImportError
+    monkeypatch.delitem(sys.modules, "gift_fast.integrations.verl", raising=False)
+    V = importlib.import_module("gift_fast.integrations.verl")
+    with pytest.raises(ImportError):
+        V.register()
+    core = _fake_verl(monkeypatch)
+    del core.register_adv_est
+    with pytest.warns(RuntimeWarning, match="could not register GIFT with verl"):
+        importlib.import_module("gift_fast.integrations.verl")
+
+
+def test_setup_py_plugin_entry_point_registers(monkeypatch):
+    """verl >= 0.9 loads every 'verl.plugins' entry point on `import verl`: ours registers GIFT."""
+    text = (ROOT / "setup.py").read_text()
+    m = re.search(r'"verl\.plugins":\s*\[\s*"(\w+)\s*=\s*([\w.]+)"', text)
+    assert m, "setup.py must declare a verl.plugins entry point"
+    core = _fake_verl(monkeypatch)
+    ep = importlib.metadata.EntryPoint(name=m.group(1), value=m.group(2), group="verl.plugins")
+    ep.load()
+    assert core.POLICY_LOSS_REGISTRY["gift_fast"].__name__ == "compute_policy_loss_gift"
