@@ -184,12 +184,17 @@ def _fake_verl(monkeypatch, preexisting=None):
     if preexisting:
         core.POLICY_LOSS_REGISTRY["gift"] = preexisting
         core.ADV_ESTIMATOR_REGISTRY["gift"] = preexisting
-    pkgs = {"verl": types.ModuleType("verl"), "verl.trainer": types.ModuleType("verl.trainer"),
-            "verl.trainer.ppo": types.ModuleType("verl.trainer.ppo")}
-    pkgs["verl"].trainer = pkgs["verl.trainer"]
-    pkgs["verl.trainer"].ppo = pkgs["verl.trainer.ppo"]
-    pkgs["verl.trainer.ppo"].core_algos = core
-    for name, mod in {**pkgs, "verl.trainer.ppo.core_algos": core}.items():
+    patcher = types.ModuleType("verl.models.transformers.monkey_patch")
+    patcher.patch_forward_with_backends = lambda model, use_fused_kernels=False, fused_kernels_backend=None: None
+    core.monkey_patch = patcher
+    names = ["verl", "verl.trainer", "verl.trainer.ppo", "verl.models", "verl.models.transformers"]
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["verl.trainer.ppo.core_algos"] = core
+    mods["verl.models.transformers.monkey_patch"] = patcher
+    for name, mod in mods.items():
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(mods[parent], child, mod)
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.delitem(sys.modules, "gift_fast.integrations.verl", raising=False)
     return core
@@ -202,6 +207,8 @@ def test_import_registers_with_verl(monkeypatch):
         assert core.POLICY_LOSS_REGISTRY[name] is V.compute_policy_loss_gift
         assert core.ADV_ESTIMATOR_REGISTRY[name] is V.compute_gift_outcome_advantage
     assert V.register() == ("gift_fast", "gift")            # idempotent
+    # the fused forward hook is installed too (fused_kernel_options.impl_backend=gift_fast)
+    assert core.monkey_patch.patch_forward_with_backends._gift_fast_original is not None
 
 
 def test_an_existing_gift_registration_is_kept(monkeypatch):
@@ -235,3 +242,93 @@ def test_setup_py_plugin_entry_point_registers(monkeypatch):
     ep = importlib.metadata.EntryPoint(name=m.group(1), value=m.group(2), group="verl.plugins")
     ep.load()
     assert core.POLICY_LOSS_REGISTRY["gift_fast"].__name__ == "compute_policy_loss_gift"
+
+
+# ------------------------------------------------------------------ the fused forward in the actor
+
+def _tiny_causal_lm(kind="llama", seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    common = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "gemma2":
+        cfg = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0,
+                                        attn_implementation="eager")
+        base = transformers.Gemma2ForCausalLM
+    else:
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=(kind == "llama_tied"))
+        base = transformers.LlamaForCausalLM
+    # a subclass, so patching its forward never touches the transformers class other tests use
+    cls = type(f"Tiny{base.__name__}", (base,), {})
+    return cls(cfg).to(F64).eval()
+
+
+def _logits_reference(model, input_ids, temperature, labels):
+    logits = model(input_ids=input_ids).logits / temperature
+    # (Gemma-2's forward already applies its final logit softcapping to .logits)
+    logp = torch.log_softmax(logits, dim=-1)
+    token = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token, entropy
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "gemma2"])
+def test_forward_for_ppo_equals_logits_path(kind):
+    """log_probs / entropy of the rolled labels, values and gradients, vs logits -> log_softmax."""
+    V = _verl_module()
+    model = _tiny_causal_lm(kind)
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 67, (3, 9), generator=g)
+    temperature = 0.7
+    out = V.forward_for_ppo(model, input_ids=input_ids, temperature=temperature, return_dict=True)
+    ref_lp, ref_ent = _logits_reference(model, input_ids, temperature,
+                                        torch.roll(input_ids, -1, dims=-1))
+    torch.testing.assert_close(out.log_probs, ref_lp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.entropy, ref_ent, rtol=1e-10, atol=1e-10)
+    w = torch.randn(3, 9, generator=g, dtype=F64)
+    params = [p for p in model.parameters() if p.requires_grad][-4:]
+    ga = torch.autograd.grad((w * out.log_probs).sum() + 0.1 * out.entropy.sum(), params)
+    gb = torch.autograd.grad((w * ref_lp).sum() + 0.1 * ref_ent.sum(), params)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_forward_for_ppo_packed_rows_with_shift_labels():
+    """verl's remove-padding layout: one packed row [1, nnz], position ids restart per sequence,
+    labels rolled over the whole packed row and passed as shift_labels. (Packed attention needs
+    flash-attention, so the reference is the model's own logits on the same packed call.)"""
+    V = _verl_module()
+    model = _tiny_causal_lm("llama", seed=2)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(0, 67, (5,), generator=g), torch.randint(0, 67, (4,), generator=g)
+    packed = torch.cat([a, b])[None]
+    pos = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    shift = torch.roll(packed, -1, dims=-1)
+    out = V.forward_for_ppo(model, input_ids=packed, position_ids=pos, shift_labels=shift,
+                            temperature=torch.tensor(1.0), return_dict=True)
+    logp = torch.log_softmax(model(input_ids=packed, position_ids=pos).logits, dim=-1)
+    ref = logp.gather(-1, shift.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out.log_probs, ref, rtol=1e-10, atol=1e-10)
+    wrong = logp.gather(-1, packed.unsqueeze(-1)).squeeze(-1)      # unshifted labels differ
+    assert (out.log_probs - wrong).abs().max() > 1e-3
+
+
+def test_install_fused_forward_adds_the_gift_fast_backend(monkeypatch):
+    V = _verl_module()
+    calls = []
+    fake = types.ModuleType("verl.models.transformers.monkey_patch")
+    fake.patch_forward_with_backends = lambda model, use_fused_kernels=False, fused_kernels_backend=None: \
+        calls.append(fused_kernels_backend)
+    assert V.install_fused_forward(fake) is True
+    assert V.install_fused_forward(fake) is False                    # idempotent
+    model = _tiny_causal_lm("llama", seed=3)
+    fake.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    assert calls == ["torch"]                                        # verl's own backends untouched
+    fake.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="gift_fast")
+    assert type(model).forward is V.forward_for_ppo and calls == ["torch"]
+    ids = torch.randint(0, 67, (2, 6))
+    out = model(input_ids=ids, temperature=1.0, return_dict=True)     # what verl's engine calls
+    assert out.log_probs.shape == (2, 6) and out.entropy.shape == (2, 6)
+    model.config.model_type = "qwen2_vl"
+    with pytest.raises(ValueError, match="fused_kernels_backend: 'gift_fast' supports text-only"):
+        fake.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="gift_fast")

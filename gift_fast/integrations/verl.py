@@ -18,8 +18,16 @@ float32 ``torch.mean`` / ``torch.std`` leave rounding noise there (see docs/loss
 
 Both are vectorised (no Python loop over responses, except to map uids to group numbers) and, when
 verl is importable, registered with verl's registries under ``"gift_fast"`` (and under ``"gift"``
-unless that name is already taken, e.g. by the authors' fork): see docs/integrations.md.
-Importing this module never requires verl.
+unless that name is already taken, e.g. by the authors' fork).
+
+The actor's log-probs: :func:`forward_for_ppo` is a causal LM ``forward`` under verl's fused-kernel
+contract (``output.log_probs`` / ``output.entropy`` from the hidden states, no logits) through
+:func:`gift_fast.linear_logprobs`; :func:`install_fused_forward` makes verl install it for
+``fused_kernel_options.impl_backend=gift_fast``.
+
+When gift_fast is installed, verl (>= 0.9) imports this module on ``import verl`` (the
+``verl.plugins`` entry point in setup.py), which registers both. See docs/verl.md. Importing this
+module never requires verl.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from ..sequences import acc_dtype, group_mean_std, group_sum
 from ..validation import check_finite
 
 __all__ = ["compute_gift_outcome_advantage", "compute_policy_loss_gift", "gift_group_ids",
-           "register", "REGISTERED_NAMES"]
+           "forward_for_ppo", "install_fused_forward", "register", "REGISTERED_NAMES"]
 
 REGISTERED_NAMES = ("gift_fast", "gift")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -55,7 +63,7 @@ def gift_group_ids(index, n: int, device=None) -> Tuple[torch.Tensor, int]:
         raise ValueError(
             "index: expected the uid of each response's prompt (verl: data.non_tensor_batch['uid']), "
             "got None. The GIFT authors' verl fork passes it to the policy loss as index=uid; "
-            "verl releases up to 0.9.1 do not (see docs/integrations.md)")
+            "verl releases up to 0.9.1 do not (see docs/verl.md)")
     if isinstance(index, torch.Tensor):
         if index.dim() != 1:
             raise ValueError(f"index: expected a 1-D tensor of group labels, got shape {tuple(index.shape)}")
@@ -252,6 +260,113 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
+# the fused log-prob op inside verl's actor (verl's use_fused_kernels contract)
+# --------------------------------------------------------------------------------------------
+
+FUSED_BACKEND = "gift_fast"
+_OUTPUT_CLASS = None
+
+
+def _output_class():
+    """A transformers ModelOutput with verl's two extra fields (``log_probs``, ``entropy``)."""
+    global _OUTPUT_CLASS
+    if _OUTPUT_CLASS is None:
+        from dataclasses import dataclass  # noqa: PLC0415
+
+        from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: PLC0415
+
+        @dataclass
+        class CausalLMOutputWithLogProbs(CausalLMOutputWithPast):
+            log_probs: Optional[torch.FloatTensor] = None
+            entropy: Optional[torch.FloatTensor] = None
+
+        _OUTPUT_CLASS = CausalLMOutputWithLogProbs
+    return _OUTPUT_CLASS
+
+
+def forward_for_ppo(self, input_ids=None, attention_mask=None, position_ids=None,
+                    past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                    output_attentions=None, output_hidden_states=None, return_dict=None,
+                    cache_position=None, logits_to_keep=0, temperature=1.0, shift_labels=None,
+                    **unused):
+    """A causal LM's ``forward`` under verl's fused-kernel contract, through gift_fast.
+
+    Runs the model's body, then :func:`gift_fast.linear_logprobs` on the last hidden states and
+    the model's lm_head (weight, bias, ``config.final_logit_softcapping``): returns an output with
+    ``log_probs`` and ``entropy`` ``[B, L]`` where entry t scores the rolled label t (``shift_labels``
+    if given, else ``labels`` or ``input_ids`` rolled left by one), at ``temperature``; the logits
+    are never built. What verl's ``forward_with_torch_backend`` / ``_triton_backend`` return, with
+    gift_fast's guarantees (batch-invariant bits, float32 dW, no [tokens, vocab] buffer).
+    """
+    from ..logprobs import linear_logprobs  # noqa: PLC0415
+
+    if getattr(self.config, "logit_scale", None) not in (None, 1, 1.0):
+        raise ValueError(f"model: {type(self).__name__} scales its logits (config.logit_scale); "
+                         "fused_kernels_backend='gift_fast' supports lm_head (+ bias, + final "
+                         "logit softcapping) heads only")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError("temperature: gift_fast's fused forward needs one temperature per "
+                             f"batch, got a tensor of {temperature.numel()} values")
+        temperature = float(temperature)
+    body = self.get_decoder() if hasattr(self, "get_decoder") else self.model
+    outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                   use_cache=use_cache, output_attentions=output_attentions,
+                   output_hidden_states=output_hidden_states, cache_position=cache_position)
+    hidden = outputs[0]
+    if shift_labels is not None:
+        rolled = shift_labels
+    elif labels is not None:
+        rolled = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise ValueError("input_ids: the fused forward needs labels, shift_labels or input_ids")
+    head = self.get_output_embeddings()
+    log_probs, entropy = linear_logprobs(
+        hidden, head.weight, rolled, getattr(head, "bias", None), temperature=temperature,
+        softcap=getattr(self.config, "final_logit_softcapping", None), return_entropy=True)
+    return _output_class()(log_probs=log_probs, entropy=entropy,
+                           past_key_values=getattr(outputs, "past_key_values", None),
+                           hidden_states=getattr(outputs, "hidden_states", None),
+                           attentions=getattr(outputs, "attentions", None))
+
+
+VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5",
+                      "qwen3_5_moe")
+
+
+def install_fused_forward(monkey_patch_module=None) -> bool:
+    """Teaches verl's ``patch_forward_with_backends`` the backend ``"gift_fast"``.
+
+    With ``actor_rollout_ref.model.use_fused_kernels=True`` and
+    ``actor_rollout_ref.model.fused_kernel_options.impl_backend=gift_fast`` verl then installs
+    :func:`forward_for_ppo` as the model's forward; every other backend goes to verl's own code.
+    Returns True if it patched (False if already patched).
+    """
+    if monkey_patch_module is None:
+        from verl.models.transformers import monkey_patch as monkey_patch_module  # noqa: PLC0415
+    original = monkey_patch_module.patch_forward_with_backends
+    if getattr(original, "_gift_fast_original", None) is not None:
+        return False
+
+    def patch_forward_with_backends(model, use_fused_kernels=False, fused_kernels_backend=None):
+        if not (use_fused_kernels and fused_kernels_backend == FUSED_BACKEND):
+            return original(model, use_fused_kernels=use_fused_kernels,
+                            fused_kernels_backend=fused_kernels_backend)
+        if getattr(model.config, "model_type", None) in VISION_MODEL_TYPES:
+            raise ValueError(f"fused_kernels_backend: 'gift_fast' supports text-only causal LMs, "
+                             f"got model_type {model.config.model_type!r}")
+        model._verl_fused_kernels_backend = FUSED_BACKEND
+        model.__class__.forward = forward_for_ppo
+
+    patch_forward_with_backends._gift_fast_original = original
+    monkey_patch_module.patch_forward_with_backends = patch_forward_with_backends
+    return True
+
+
+# --------------------------------------------------------------------------------------------
 # registration with verl
 # --------------------------------------------------------------------------------------------
 
@@ -283,11 +398,14 @@ def _register_if_verl_present() -> None:
         from verl.trainer.ppo import core_algos  # noqa: PLC0415
     except ImportError:
         return                                    # verl not installed: the functions still work
-    try:
-        register(core_algos)
-    except Exception as e:  # an incompatible verl must not break importing the functions
-        warnings.warn(f"gift_fast: could not register GIFT with verl ({type(e).__name__}: {e}); "
-                      "call gift_fast.integrations.verl.register() to see the error", RuntimeWarning)
+    for what, hook in (("register GIFT with", lambda: register(core_algos)),
+                       ("add the fused forward to", install_fused_forward)):
+        try:
+            hook()
+        except Exception as e:  # an incompatible verl must not break importing the functions
+            warnings.warn(f"gift_fast: could not {what} verl ({type(e).__name__}: {e}); call "
+                          "gift_fast.integrations.verl.register() / install_fused_forward() to see "
+                          "the error", RuntimeWarning)
 
 
 _register_if_verl_present()
