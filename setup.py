@@ -23,7 +23,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["gift-fast=gift_fast.cli:main"],
-        # verl (>= 0.9) imports every "verl.plugins" entry point on `import verl`, in every worker:
+        # verl (0.9.1) imports every "verl.plugins" entry point on `import verl`, in every worker:
         # this registers GIFT with verl's registries (gift_fast.integrations.verl.register).
         "verl.plugins": ["gift_fast = gift_fast.integrations.verl"],
     },

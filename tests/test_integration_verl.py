@@ -234,7 +234,7 @@ def test_import_without_verl_and_with_a_broken_verl(monkeypatch):
 
 
 def test_setup_py_plugin_entry_point_registers(monkeypatch):
-    """verl >= 0.9 loads every 'verl.plugins' entry point on `import verl`: ours registers GIFT."""
+    """verl 0.9.1 loads every 'verl.plugins' entry point on `import verl`: ours registers GIFT."""
     text = (ROOT / "setup.py").read_text()
     m = re.search(r'"verl\.plugins":\s*\[\s*"(\w+)\s*=\s*([\w.]+)"', text)
     assert m, "setup.py must declare a verl.plugins entry point"

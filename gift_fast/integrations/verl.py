@@ -25,7 +25,7 @@ contract (``output.log_probs`` / ``output.entropy`` from the hidden states, no l
 :func:`gift_fast.linear_logprobs`; :func:`install_fused_forward` makes verl install it for
 ``fused_kernel_options.impl_backend=gift_fast``.
 
-When gift_fast is installed, verl (>= 0.9) imports this module on ``import verl`` (the
+When gift_fast is installed, verl (0.9.1) imports this module on ``import verl`` (the
 ``verl.plugins`` entry point in setup.py), which registers both. See docs/verl.md. Importing this
 module never requires verl.
 """
