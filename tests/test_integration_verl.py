@@ -187,10 +187,15 @@ def _fake_verl(monkeypatch, preexisting=None):
     patcher = types.ModuleType("verl.models.transformers.monkey_patch")
     patcher.patch_forward_with_backends = lambda model, use_fused_kernels=False, fused_kernels_backend=None: None
     core.monkey_patch = patcher
-    names = ["verl", "verl.trainer", "verl.trainer.ppo", "verl.models", "verl.models.transformers"]
+    losses = types.ModuleType("verl.workers.utils.losses")
+    losses.ppo_loss = lambda config, model_output, data, dp_group=None: None
+    core.losses = losses
+    names = ["verl", "verl.trainer", "verl.trainer.ppo", "verl.models", "verl.models.transformers",
+             "verl.workers", "verl.workers.utils"]
     mods = {n: types.ModuleType(n) for n in names}
     mods["verl.trainer.ppo.core_algos"] = core
     mods["verl.models.transformers.monkey_patch"] = patcher
+    mods["verl.workers.utils.losses"] = losses
     for name, mod in mods.items():
         parent, _, child = name.rpartition(".")
         if parent:
@@ -207,8 +212,9 @@ def test_import_registers_with_verl(monkeypatch):
         assert core.POLICY_LOSS_REGISTRY[name] is V.compute_policy_loss_gift
         assert core.ADV_ESTIMATOR_REGISTRY[name] is V.compute_gift_outcome_advantage
     assert V.register() == ("gift_fast", "gift")            # idempotent
-    # the fused forward hook is installed too (fused_kernel_options.impl_backend=gift_fast)
+    # the fused forward hook and the uid-passing ppo_loss wrapper are installed too
     assert core.monkey_patch.patch_forward_with_backends._gift_fast_original is not None
+    assert core.losses.ppo_loss._gift_fast_original is not None
 
 
 def test_an_existing_gift_registration_is_kept(monkeypatch):
@@ -332,3 +338,31 @@ def test_install_fused_forward_adds_the_gift_fast_backend(monkeypatch):
     model.config.model_type = "qwen2_vl"
     with pytest.raises(ValueError, match="fused_kernels_backend: 'gift_fast' supports text-only"):
         fake.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="gift_fast")
+
+
+def test_uid_passing_wrapper_feeds_index_to_the_policy_loss():
+    """verl 0.9.1's ppo_loss calls the policy loss without index: the wrapper publishes the
+    micro-batch's data["uid"] for the duration of the call, and only then."""
+    V = _verl_module()
+    rewards, mask, index, old, logp, _ = verl_batch([3, 2, 1], 5, seed=9)
+    adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
+
+    def ppo_loss(config, model_output, data, dp_group=None):     # what verl's ppo_loss does
+        return V.compute_policy_loss_gift(old_log_prob=old, log_prob=model_output["log_probs"],
+                                          advantages=adv, response_mask=mask,
+                                          loss_agg_mode="token-mean", config=config,
+                                          rollout_is_weights=None)
+
+    fake = types.ModuleType("verl.workers.utils.losses")
+    fake.ppo_loss = ppo_loss
+    with pytest.raises(ValueError, match="index: expected the uid"):
+        fake.ppo_loss(config=None, model_output={"log_probs": logp}, data={"uid": index})
+    assert V.install_uid_passing(fake) is True and V.install_uid_passing(fake) is False
+    loss, _ = fake.ppo_loss(config=None, model_output={"log_probs": logp}, data={"uid": index},
+                            dp_group=None)
+    expect, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index)
+    torch.testing.assert_close(loss, expect, **TOL)
+    with pytest.raises(ValueError, match="index: expected the uid"):   # nothing left behind
+        V.compute_policy_loss_gift(old, logp, adv, mask)
+    with pytest.raises(ValueError, match="index: expected the uid"):   # a batch without uids
+        fake.ppo_loss(config=None, model_output={"log_probs": logp}, data={})

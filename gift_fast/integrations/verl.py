@@ -31,6 +31,8 @@ module never requires verl.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 import warnings
 from typing import Any, Dict, Optional, Tuple
@@ -42,7 +44,8 @@ from ..sequences import acc_dtype, group_mean_std, group_sum
 from ..validation import check_finite
 
 __all__ = ["compute_gift_outcome_advantage", "compute_policy_loss_gift", "gift_group_ids",
-           "forward_for_ppo", "install_fused_forward", "register", "REGISTERED_NAMES"]
+           "forward_for_ppo", "install_fused_forward", "install_uid_passing", "register",
+           "REGISTERED_NAMES"]
 
 REGISTERED_NAMES = ("gift_fast", "gift")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -62,8 +65,9 @@ def gift_group_ids(index, n: int, device=None) -> Tuple[torch.Tensor, int]:
     if index is None:
         raise ValueError(
             "index: expected the uid of each response's prompt (verl: data.non_tensor_batch['uid']), "
-            "got None. The GIFT authors' verl fork passes it to the policy loss as index=uid; "
-            "verl releases up to 0.9.1 do not (see docs/verl.md)")
+            "got None. The GIFT authors' verl fork passes it to the policy loss as index=uid; with "
+            "verl 0.9.1, gift_fast's plugin passes the micro-batch's data['uid'] when it is there "
+            "(see docs/verl.md)")
     if isinstance(index, torch.Tensor):
         if index.dim() != 1:
             raise ValueError(f"index: expected a 1-D tensor of group labels, got shape {tuple(index.shape)}")
@@ -197,8 +201,9 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
         advantages: ``(bs, response_length)`` from :func:`compute_gift_outcome_advantage`; as in
             the authors' code the response's advantage is read from column 0.
         response_mask: ``(bs, response_length)``.
-        index: the uid of each response's prompt; verl passes it by keyword (``index=uid``, the
-            authors' fork); ``uid=`` is accepted too.
+        index: the uid of each response's prompt: passed by keyword (``index=uid``, the authors'
+            fork; ``uid=`` is accepted too), else taken from the micro-batch by the ``ppo_loss``
+            wrapper of :func:`install_uid_passing` (verl 0.9.1).
         loss_agg_mode: accepted and ignored: GIFT is a mean over responses (as the authors').
         config: verl's actor config: ``kl_loss_coef`` is beta (1.0 if absent), ``epsilon`` the eps
             (1e-6 if absent), ``response_length_penalty`` p (0 if absent: ``s`` is divided by
@@ -230,6 +235,8 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     _check_matrix(anchor_name, anchor, response_mask.shape)
     if index is None:
         index = kwargs.get("uid")
+    if index is None:
+        index = _MICRO_BATCH_UID.get()       # set by install_uid_passing's ppo_loss wrapper
 
     acc = acc_dtype(log_prob, anchor)
     active = response_mask != 0
@@ -367,6 +374,49 @@ def install_fused_forward(monkey_patch_module=None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# the uid of the micro-batch, for verl releases whose ppo_loss does not pass it
+# --------------------------------------------------------------------------------------------
+
+_MICRO_BATCH_UID = contextvars.ContextVar("gift_fast_verl_micro_batch_uid", default=None)
+
+
+def _uid_of(data):
+    """The ``uid`` column of a verl micro-batch (TensorDict with a NonTensorStack), or None."""
+    try:
+        if data is None or "uid" not in data.keys():
+            return None
+        uid = data["uid"]
+        return uid.tolist() if hasattr(uid, "tolist") else list(uid)
+    except Exception:  # a layout we do not know: the loss then asks for index explicitly
+        return None
+
+
+def install_uid_passing(losses_module=None) -> bool:
+    """Wraps verl's ``ppo_loss`` so that :func:`compute_policy_loss_gift` finds the micro-batch's
+    uids when verl calls it without ``index`` (verl 0.9.1). The wrapper only publishes
+    ``data["uid"]`` (when present) for the duration of the call; every loss mode is unchanged.
+    Returns True if it patched (False if already patched)."""
+    if losses_module is None:
+        from verl.workers.utils import losses as losses_module  # noqa: PLC0415
+    original = losses_module.ppo_loss
+    if getattr(original, "_gift_fast_original", None) is not None:
+        return False
+
+    @functools.wraps(original)
+    def ppo_loss(*args, **kwargs):
+        data = kwargs["data"] if "data" in kwargs else (args[2] if len(args) > 2 else None)
+        token = _MICRO_BATCH_UID.set(_uid_of(data))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _MICRO_BATCH_UID.reset(token)
+
+    ppo_loss._gift_fast_original = original
+    losses_module.ppo_loss = ppo_loss
+    return True
+
+
+# --------------------------------------------------------------------------------------------
 # registration with verl
 # --------------------------------------------------------------------------------------------
 
@@ -399,6 +449,7 @@ def _register_if_verl_present() -> None:
     except ImportError:
         return                                    # verl not installed: the functions still work
     for what, hook in (("register GIFT with", lambda: register(core_algos)),
+                       ("pass the micro-batch uids to the policy loss in", install_uid_passing),
                        ("add the fused forward to", install_fused_forward)):
         try:
             hook()
