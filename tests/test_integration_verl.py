@@ -366,3 +366,25 @@ def test_uid_passing_wrapper_feeds_index_to_the_policy_loss():
         V.compute_policy_loss_gift(old, logp, adv, mask)
     with pytest.raises(ValueError, match="index: expected the uid"):   # a batch without uids
         fake.ppo_loss(config=None, model_output={"log_probs": logp}, data={})
+
+
+def test_global_batch_normalisation_adds_micro_batches_up_to_the_mini_batch_mean():
+    """With verl 0.9.1's global_batch_info, two micro-batches (whole groups) sum to the authors'
+    mean over the mini-batch, values and gradients; without it, each call is the authors' mean."""
+    V = _verl_module()
+    rewards, mask, index, old, logp, _ = verl_batch([2, 2, 2, 2], 4, seed=12)
+    adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
+    order = np.argsort(index, kind="stable")                       # groups whole per micro-batch
+    parts = [torch.as_tensor(order[:4]), torch.as_tensor(order[4:])]
+    cfg = types.SimpleNamespace(kl_loss_coef=1.0, global_batch_info={"global_batch_size": 8, "dp_size": 1})
+    total = sum(V.compute_policy_loss_gift(old[p], logp[p], adv[p], mask[p], index=index[p.numpy()],
+                                           config=cfg)[0] for p in parts)
+    means = [authors_policy_loss(old[p], logp[p], adv[p], mask[p], index[p.numpy()]) for p in parts]
+    expect = sum(means) / 2
+    torch.testing.assert_close(total, expect, **TOL)
+    torch.testing.assert_close(torch.autograd.grad(total, logp)[0],
+                               torch.autograd.grad(expect, logp)[0], **TOL)
+    cfg.global_batch_info = {"global_batch_size": 8, "dp_size": 2}  # FSDP averages over 2 ranks
+    doubled, _ = V.compute_policy_loss_gift(old[parts[0]], logp[parts[0]], adv[parts[0]],
+                                            mask[parts[0]], index=index[parts[0].numpy()], config=cfg)
+    torch.testing.assert_close(doubled, means[0], **TOL)           # 4 of 8 sequences, times 2

@@ -205,6 +205,10 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
             fork; ``uid=`` is accepted too), else taken from the micro-batch by the ``ppo_loss``
             wrapper of :func:`install_uid_passing` (verl 0.9.1).
         loss_agg_mode: accepted and ignored: GIFT is a mean over responses (as the authors').
+            When ``config.global_batch_info["global_batch_size"]`` is set (verl 0.9.1's ppo_loss
+            sets it), the sum over the call's responses is divided by it and multiplied by
+            ``dp_size``, like verl's own sequence-mean aggregation, so that micro-batch losses
+            add up to the mean over the mini-batch; otherwise the mean over the call.
         config: verl's actor config: ``kl_loss_coef`` is beta (1.0 if absent), ``epsilon`` the eps
             (1e-6 if absent), ``response_length_penalty`` p (0 if absent: ``s`` is divided by
             ``max(|y|, 1) ** p``), and ``policy_loss.kl_source == "reference"`` anchors at
@@ -250,7 +254,15 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     z, s_std, counts = _implicit_z(s, grp, n_groups, eps)
     a = advantages[:, 0].detach().to(acc)
     per = (a - beta * z) ** 2
-    loss = per.mean()
+    loss = per.mean()                                               # the authors' code
+    batch_info = _config_value(config, "global_batch_info", None) or {}
+    global_batch_size = batch_info.get("global_batch_size") if isinstance(batch_info, dict) else None
+    if global_batch_size:
+        # verl 0.9.1's engine sums micro-batch losses without rescaling and expects each to be
+        # normalised over the global mini-batch (its seq-mean: sum / global_batch_size * dp_size),
+        # so the accumulated gradient is that of the mean over the mini-batch, whatever the
+        # micro-batch size (what the authors' per-call mean gave with 1/n_micro accumulation).
+        loss = per.sum() / float(global_batch_size) * float(batch_info.get("dp_size") or 1)
 
     with torch.no_grad():
         multi = (counts > 1).to(acc)
