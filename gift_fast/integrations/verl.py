@@ -26,8 +26,9 @@ contract (``output.log_probs`` / ``output.entropy`` from the hidden states, no l
 ``fused_kernel_options.impl_backend=gift_fast``.
 
 When gift_fast is installed, verl (0.9.1) imports this module on ``import verl`` (the
-``verl.plugins`` entry point in setup.py), which registers both. See docs/verl.md. Importing this
-module never requires verl.
+``verl.plugins`` entry point in setup.py), which registers both functions, installs the fused
+forward hook and a ``ppo_loss`` wrapper that hands the micro-batch's uids to the policy loss
+(:func:`install_uid_passing`). See docs/verl.md. Importing this module never requires verl.
 """
 from __future__ import annotations
 
