@@ -257,7 +257,7 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     per = (a - beta * z) ** 2
     loss = per.mean()                                               # the authors' code
     batch_info = _config_value(config, "global_batch_info", None) or {}
-    global_batch_size = batch_info.get("global_batch_size") if isinstance(batch_info, dict) else None
+    global_batch_size = batch_info.get("global_batch_size") if hasattr(batch_info, "get") else None
     if global_batch_size:
         # verl 0.9.1's engine sums micro-batch losses without rescaling and expects each to be
         # normalised over the global mini-batch (its seq-mean: sum / global_batch_size * dp_size),
