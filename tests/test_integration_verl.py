@@ -185,7 +185,7 @@ def _fake_verl(monkeypatch, preexisting=None):
         core.POLICY_LOSS_REGISTRY["gift"] = preexisting
         core.ADV_ESTIMATOR_REGISTRY["gift"] = preexisting
     patcher = types.ModuleType("verl.models.transformers.monkey_patch")
-    patcher.patch_forward_with_backends = lambda model, use_fused_kernels=False, fused_kernels_backend=None: None
+    patcher.patch_forward_with_backends = lambda model, **kwargs: None
     core.monkey_patch = patcher
     losses = types.ModuleType("verl.workers.utils.losses")
     losses.ppo_loss = lambda config, model_output, data, dp_group=None: None

@@ -236,7 +236,8 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
             raise ValueError("ref_log_prob: required when config.policy_loss.kl_source == 'reference', "
                              "got None")
     elif kl_source != "rollout":
-        raise ValueError(f"config.policy_loss.kl_source: expected 'rollout' or 'reference', got {kl_source!r}")
+        raise ValueError("config.policy_loss.kl_source: expected 'rollout' or 'reference', "
+                         f"got {kl_source!r}")
     _check_matrix(anchor_name, anchor, response_mask.shape)
     if index is None:
         index = kwargs.get("uid")
