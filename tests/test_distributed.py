@@ -1,0 +1,86 @@
+"""Data-parallel GIFT groups, DDP and FSDP2 on CPU with the gloo backend (2, 3 and 4 processes).
+
+One spawn per world size runs every case of tests/distributed_cases.py (uneven shares of the
+batch, a GIFT group split across ranks) and reports max abs differences against the
+single-process computation on the whole batch. NCCL on GPUs runs the same code but is not tested
+here.
+"""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_cases
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+SPAWN_TIMEOUT_S = 150
+ALL_CASES = ["epilogue", "front_end", "errors", "ddp", "fsdp2"]
+CASES_BY_WORLD = {2: ALL_CASES + ["front_end_triton"], 3: ALL_CASES, 4: ALL_CASES}
+
+# float32 / float64 tolerances on max abs differences against single-process
+TOL = {"epilogue": 1e-12, "front_end": 2e-5, "ddp": 2e-5, "fsdp2": 2e-5}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_world(world: int, tmp_path) -> dict:
+    out = str(tmp_path / f"world{world}.json")
+    ctx = mp.start_processes(distributed_cases.run,
+                             args=(world, _free_port(), out, CASES_BY_WORLD[world]),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"world size {world}: ranks did not finish in {SPAWN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    with open(out) as f:
+        report = json.load(f)
+    for r in range(1, world):
+        if os.path.exists(f"{out}.rank{r}"):
+            with open(f"{out}.rank{r}") as f:
+                report["errors"].update({f"{k} (rank {r})": v for k, v in json.load(f)["errors"].items()})
+    return report
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_data_parallel_gift_ddp_fsdp2(world, tmp_path):
+    report = _run_world(world, tmp_path)
+    assert not report["errors"], "\n".join(f"{k}:\n{v}" for k, v in report["errors"].items())
+    diffs, flags = report["diffs"], report["flags"]
+    # every case ran and reported (a case that silently did nothing fails here)
+    expected_prefixes = {"epilogue/", "front_end/torch/", "front_end/reference/", "ddp/gift/",
+                         "ddp/grpo/", "fsdp2/gift/", "fsdp2/grpo/"}
+    if "front_end_triton" in CASES_BY_WORLD[world]:
+        expected_prefixes.add("front_end/triton/")
+    for prefix in expected_prefixes:
+        assert any(k.startswith(prefix) for k in diffs), f"no result for {prefix}"
+    assert sum(k.startswith("epilogue/") for k in diffs) >= 20
+    for key, value in diffs.items():
+        tol = TOL[key.split("/")[0]]
+        if key.startswith("epilogue/") and key.endswith("/spec"):
+            tol = 1e-10             # the single-process value against the float64 spec code
+        assert value <= tol, f"world {world}: {key}: max abs diff {value:.3g} > {tol:.1g}"
+    expected_flags = {"errors/detach_stats_false", "errors/group_ids_shape",
+                      "fsdp2/gift/params_are_dtensors", "fsdp2/grpo/params_are_dtensors",
+                      "dtensor_error/linear_logprobs/torch", "dtensor_error/linear_logprobs/reference",
+                      "dtensor_error/linear_logprobs/triton", "dtensor_error/gift_loss_outside_forward",
+                      "dtensor_error/lm_head_own_fully_shard"}
+    assert expected_flags <= set(flags), sorted(expected_flags - set(flags))
+    failed = sorted(k for k, ok in flags.items() if not ok)
+    assert not failed, failed
+    print(f"\nworld {world}: " + ", ".join(f"{k}={v:.2g}" for k, v in sorted(diffs.items())))
