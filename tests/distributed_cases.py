@@ -14,11 +14,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import gift_fast.functional as Fn
 from gift_fast import GIFTLoss, gift_loss, grpo_loss, linear_logprobs
-from gift_fast.distributed import FusedLossModel
+from gift_fast.distributed import FusedLossModel, demo
+from gift_fast.distributed.demo import TinyLM
 
 import reference_losses as R
 
@@ -196,39 +196,6 @@ def case_errors(res: Results, world: int, rank: int) -> None:
 # DDP and FSDP2 with a tiny causal LM
 # ---------------------------------------------------------------------------------------------
 
-class Block(nn.Module):
-    def __init__(self, h: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(h)
-        self.fc = nn.Linear(h, h)
-
-    def forward(self, x):
-        return x + torch.tanh(self.fc(self.norm(x)))
-
-
-class Backbone(nn.Module):
-    def __init__(self, v: int, h: int, n_layers: int):
-        super().__init__()
-        self.embed = nn.Embedding(v, h)
-        self.layers = nn.ModuleList(Block(h) for _ in range(n_layers))
-        self.norm = nn.LayerNorm(h)
-
-    def forward(self, input_ids, attention_mask=None):
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return (self.norm(x),)
-
-
-class TinyLM(nn.Module):
-    """Causal-LM-shaped (``.model`` backbone + ``.lm_head``), small enough for CPU tests."""
-
-    def __init__(self, v: int = V, h: int = H, n_layers: int = 2):
-        super().__init__()
-        self.model = Backbone(v, h, n_layers)
-        self.lm_head = nn.Linear(h, v, bias=False)
-
-
 def _lm_batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (B, T + 1), generator=g)
@@ -239,7 +206,7 @@ def _lm_batch():
     rewards[0] = rewards[2] = rewards[6] = 0.5
     with torch.no_grad():
         torch.manual_seed(2)
-        m = TinyLM()
+        m = TinyLM(V, H)
         hidden = m.model(inputs)[0]
         anchor = linear_logprobs(hidden, m.lm_head.weight, targets, backend="torch")
     old = anchor + 0.1 * torch.randn(B, T, generator=g)     # so that s != 0 at the first step
@@ -258,7 +225,7 @@ def _losses(lo, hi, group, n_tokens):
 
 def _single_step(name, inputs, targets, old, rewards, adv, lr):
     torch.manual_seed(3)
-    model = TinyLM()
+    model = TinyLM(V, H)
     wrapped = FusedLossModel(model, gift_loss if name == "gift" else grpo_loss)
     if name == "gift":
         loss, _ = wrapped(inputs, targets, old, rewards, group_ids=torch.tensor(GROUP_IDS),
@@ -284,7 +251,7 @@ def case_ddp(res: Results, world: int, rank: int) -> None:
     for name, fn, kw in _losses(lo, hi, dist.group.WORLD, n_tokens):
         ref_grads, ref_params = _single_step(name, inputs, targets, old, rewards, adv, lr)
         torch.manual_seed(3)
-        model = TinyLM()
+        model = TinyLM(V, H)
         ddp = DDP(FusedLossModel(model, fn))
         loss, _ = ddp(inputs[lo:hi], targets[lo:hi], *_rank_args(name, lo, hi, old, rewards, adv),
                       **kw)
@@ -299,7 +266,7 @@ def case_ddp(res: Results, world: int, rank: int) -> None:
 def _fsdp_model(fn, shard_head=False):
     from torch.distributed.fsdp import fully_shard
     torch.manual_seed(3)
-    model = TinyLM()
+    model = TinyLM(V, H)
     for layer in model.model.layers:
         fully_shard(layer)
     if shard_head:
@@ -354,6 +321,15 @@ def case_fsdp2(res: Results, world: int, rank: int) -> None:
     res.flag("dtensor_error/lm_head_own_fully_shard", ok)
 
 
+def case_demo(res: Results, world: int, rank: int) -> None:
+    """gift_fast.distributed.demo (the torchrun check in docs/distributed.md), several steps."""
+    for wrap in ("ddp", "fsdp2"):
+        losses, single_losses, diff = demo.check(wrap, steps=2)
+        if rank == 0:
+            diff = max(diff, max(abs(a - b) for a, b in zip(losses, single_losses)))
+        res.diff(f"demo/{wrap}/params_and_losses_after_2_steps", diff if rank == 0 else 0.0)
+
+
 CASES = {
     "epilogue": case_epilogue,
     "front_end": lambda res, w, r: case_front_end(res, w, r, ("torch", "reference")),
@@ -361,6 +337,7 @@ CASES = {
     "errors": case_errors,
     "ddp": case_ddp,
     "fsdp2": case_fsdp2,
+    "demo": case_demo,
 }
 
 

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 SPAWN_TIMEOUT_S = 150
-ALL_CASES = ["epilogue", "front_end", "errors", "ddp", "fsdp2"]
+ALL_CASES = ["epilogue", "front_end", "errors", "ddp", "fsdp2", "demo"]
 CASES_BY_WORLD = {2: ALL_CASES + ["front_end_triton"], 3: ALL_CASES, 4: ALL_CASES}
 
 # float32 / float64 tolerances on max abs differences against single-process
-TOL = {"epilogue": 1e-12, "front_end": 2e-5, "ddp": 2e-5, "fsdp2": 2e-5}
+TOL = {"epilogue": 1e-12, "front_end": 2e-5, "ddp": 2e-5, "fsdp2": 2e-5, "demo": 1e-5}
 
 
 def _free_port() -> int:
@@ -64,7 +64,7 @@ def test_data_parallel_gift_ddp_fsdp2(world, tmp_path):
     diffs, flags = report["diffs"], report["flags"]
     # every case ran and reported (a case that silently did nothing fails here)
     expected_prefixes = {"epilogue/", "front_end/torch/", "front_end/reference/", "ddp/gift/",
-                         "ddp/grpo/", "fsdp2/gift/", "fsdp2/grpo/"}
+                         "ddp/grpo/", "fsdp2/gift/", "fsdp2/grpo/", "demo/ddp/", "demo/fsdp2/"}
     if "front_end_triton" in CASES_BY_WORLD[world]:
         expected_prefixes.add("front_end/triton/")
     for prefix in expected_prefixes:
