@@ -311,6 +311,23 @@ def case_fsdp2(res: Results, world: int, rank: int) -> None:
     except TypeError as e:
         ok = "DTensor" in str(e)
     res.flag("dtensor_error/gift_loss_outside_forward", ok)
+    # why the check exists: the weight's full_tensor() read outside the root forward runs without
+    # error but its gradient skips FSDP2's reduce-scatter, so lm_head gets a wrong gradient
+    from torch.distributed.fsdp import fully_shard
+    ref_grads, _ = _single_step("gift", inputs, targets, old, rewards, adv, 1e-2)
+    torch.manual_seed(3)
+    model = TinyLM(V, H)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.model)
+    fully_shard(model)
+    hidden = model.model(inputs[lo:hi])[0]
+    loss, _ = gift_loss(hidden, model.lm_head.weight.full_tensor(), targets[lo:hi], old[lo:hi],
+                        rewards[lo:hi], group_ids=torch.tensor(GROUP_IDS[lo:hi]),
+                        data_parallel_group=dist.group.WORLD, backend="torch")
+    (loss * world).backward()
+    wrong = _max_diff(model.lm_head.weight.grad.full_tensor(), ref_grads["lm_head.weight"])
+    res.diff("wrong_pattern/full_tensor_outside_forward/lm_head_grad", wrong)
     model, root = _fsdp_model(gift_loss, shard_head=True)
     try:
         root(inputs[lo:hi], targets[lo:hi], old[lo:hi], rewards[lo:hi],
