@@ -190,6 +190,13 @@ def case_errors(res: Results, world: int, rank: int) -> None:
     except ValueError as e:
         ok = "group_ids" in str(e)
     res.flag("errors/group_ids_shape", ok)
+    try:
+        Fn.gift_loss(logps[lo:hi], anchor[lo:hi], rewards[lo:hi], mask=mask[lo:hi],
+                     group_size=1, data_parallel_group="world")
+        ok = False
+    except TypeError as e:
+        ok = "data_parallel_group" in str(e)
+    res.flag("errors/group_type", ok)
 
 
 # ---------------------------------------------------------------------------------------------

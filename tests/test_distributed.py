@@ -78,7 +78,7 @@ def test_data_parallel_gift_ddp_fsdp2(world, tmp_path):
         if key.startswith("epilogue/") and key.endswith("/spec"):
             tol = 1e-10             # the single-process value against the float64 spec code
         assert value <= tol, f"world {world}: {key}: max abs diff {value:.3g} > {tol:.1g}"
-    expected_flags = {"errors/detach_stats_false", "errors/group_ids_shape",
+    expected_flags = {"errors/detach_stats_false", "errors/group_ids_shape", "errors/group_type",
                       "fsdp2/gift/params_are_dtensors", "fsdp2/grpo/params_are_dtensors",
                       "dtensor_error/linear_logprobs/torch", "dtensor_error/linear_logprobs/reference",
                       "dtensor_error/linear_logprobs/triton", "dtensor_error/gift_loss_outside_forward",
@@ -87,3 +87,42 @@ def test_data_parallel_gift_ddp_fsdp2(world, tmp_path):
     failed = sorted(k for k, ok in flags.items() if not ok)
     assert not failed, failed
     print(f"\nworld {world}: " + ", ".join(f"{k}={v:.2g}" for k, v in sorted(diffs.items())))
+
+
+# --------------------------------------------------------------------------- single process
+
+def test_fused_loss_model_equals_direct_call_and_checks_its_model():
+    from torch import nn
+
+    from gift_fast import gift_loss
+    from gift_fast.distributed import FusedLossModel
+    from gift_fast.distributed.demo import TinyLM, global_batch
+
+    inputs, targets, anchor, rewards, gid = global_batch(6)
+    torch.manual_seed(0)
+    model = TinyLM()
+    loss, _ = FusedLossModel(model, gift_loss)(inputs, targets, anchor, rewards, group_ids=gid,
+                                               attention_mask=torch.ones_like(inputs))
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    hidden = model.model(inputs)[0]
+    direct, _ = gift_loss(hidden, model.lm_head.weight, targets, anchor, rewards, group_ids=gid)
+    direct.backward()
+    assert float(loss) == float(direct)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    with pytest.raises(ValueError, match="backbone_attr"):
+        FusedLossModel(nn.Linear(2, 2), gift_loss)
+    with pytest.raises(TypeError, match="loss_fn"):
+        FusedLossModel(model, "gift")
+
+
+def test_data_parallel_group_needs_an_initialised_process_group():
+    import gift_fast.functional as Fn
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    logps = torch.randn(4, 3)
+    # (dist.group.WORLD is None before init_process_group: one process, nothing to gather)
+    with pytest.raises(ValueError, match="init_process_group"):
+        Fn.gift_loss(logps, logps + 0.1, torch.rand(4), group_size=2,
+                     data_parallel_group=object())

@@ -23,6 +23,9 @@ def data_parallel_world(group) -> Tuple[int, int]:
         raise ValueError("data_parallel_group: torch.distributed is not initialised; call "
                          "torch.distributed.init_process_group first (e.g. under torchrun), or pass "
                          "data_parallel_group=None on a single process")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"data_parallel_group: expected a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD), got {type(group).__name__}")
     return dist.get_world_size(group), dist.get_rank(group)
 
 
