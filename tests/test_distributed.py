@@ -72,7 +72,10 @@ def test_data_parallel_gift_ddp_fsdp2(world, tmp_path):
     assert sum(k.startswith("epilogue/") for k in diffs) >= 20
     # reading lm_head.weight.full_tensor() outside the root forward gives a wrong gradient (the
     # reason the fused op rejects DTensors and FusedLossModel exists)
-    assert diffs.pop("wrong_pattern/full_tensor_outside_forward/lm_head_grad") > 1e-3
+    wrong = diffs.pop("wrong_pattern/full_tensor_outside_forward/lm_head_grad")
+    print(f"\nworld {world}: lm_head.weight.full_tensor() outside the root forward: lm_head grad "
+          f"off by {wrong:.2g}")
+    assert wrong > 1e-3
     for key, value in diffs.items():
         tol = TOL[key.split("/")[0]]
         if key.startswith("epilogue/") and key.endswith("/spec"):
@@ -109,7 +112,7 @@ def test_fused_loss_model_equals_direct_call_and_checks_its_model():
     hidden = model.model(inputs)[0]
     direct, _ = gift_loss(hidden, model.lm_head.weight, targets, anchor, rewards, group_ids=gid)
     direct.backward()
-    assert float(loss) == float(direct)
+    assert torch.equal(loss.detach(), direct.detach())
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
     with pytest.raises(ValueError, match="backbone_attr"):
         FusedLossModel(nn.Linear(2, 2), gift_loss)
