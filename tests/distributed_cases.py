@@ -22,8 +22,8 @@ from gift_fast.distributed.demo import TinyLM
 
 import reference_losses as R
 
-# sequences held by each rank, in rank order: uneven, and for 3+ ranks one rank holds a single one
-SPLITS = {1: [8], 2: [3, 5], 3: [1, 4, 3], 4: [2, 1, 3, 2]}
+# sequences held by each rank, in rank order: uneven; one rank holds a single one, one holds none
+SPLITS = {1: [8], 2: [3, 5], 3: [1, 4, 3], 4: [3, 0, 1, 4]}
 B, T, H, V = 8, 6, 16, 37
 # non-consecutive labels: groups 7 and 3 span ranks, group 5 has one sequence
 GROUP_IDS = [7, 3, 7, 5, 3, 9, 7, 3]
@@ -177,7 +177,7 @@ def case_errors(res: Results, world: int, rank: int) -> None:
     lo, hi = _share(world, rank)
     try:
         Fn.gift_loss(logps[lo:hi], anchor[lo:hi], rewards[lo:hi], mask=mask[lo:hi],
-                     group_ids=torch.tensor(GROUP_IDS[lo:hi]), detach_stats=False,
+                     group_ids=torch.tensor(GROUP_IDS)[lo:hi], detach_stats=False,
                      data_parallel_group=dist.group.WORLD)
         ok = world == 1          # one rank: nothing to gather, differentiable statistics are fine
     except ValueError as e:
@@ -313,7 +313,7 @@ def case_fsdp2(res: Results, world: int, rank: int) -> None:
         res.flag(f"dtensor_error/linear_logprobs/{backend}", ok)
     try:
         gift_loss(hidden, model.lm_head.weight, targets[lo:hi], old[lo:hi], rewards[lo:hi],
-                  group_ids=torch.tensor(GROUP_IDS[lo:hi]), data_parallel_group=dist.group.WORLD)
+                  group_ids=torch.tensor(GROUP_IDS)[lo:hi], data_parallel_group=dist.group.WORLD)
         ok = False
     except TypeError as e:
         ok = "DTensor" in str(e)
@@ -330,7 +330,7 @@ def case_fsdp2(res: Results, world: int, rank: int) -> None:
     fully_shard(model)
     hidden = model.model(inputs[lo:hi])[0]
     loss, _ = gift_loss(hidden, model.lm_head.weight.full_tensor(), targets[lo:hi], old[lo:hi],
-                        rewards[lo:hi], group_ids=torch.tensor(GROUP_IDS[lo:hi]),
+                        rewards[lo:hi], group_ids=torch.tensor(GROUP_IDS)[lo:hi],
                         data_parallel_group=dist.group.WORLD, backend="torch")
     (loss * world).backward()
     wrong = _max_diff(model.lm_head.weight.grad.full_tensor(), ref_grads["lm_head.weight"])
@@ -338,7 +338,7 @@ def case_fsdp2(res: Results, world: int, rank: int) -> None:
     model, root = _fsdp_model(gift_loss, shard_head=True)
     try:
         root(inputs[lo:hi], targets[lo:hi], old[lo:hi], rewards[lo:hi],
-             group_ids=torch.tensor(GROUP_IDS[lo:hi]), data_parallel_group=dist.group.WORLD)
+             group_ids=torch.tensor(GROUP_IDS)[lo:hi], data_parallel_group=dist.group.WORLD)
         ok = False
     except TypeError as e:
         ok = "DTensor" in str(e)
