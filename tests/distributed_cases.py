@@ -369,7 +369,7 @@ def run(rank: int, world: int, port: int, out_path: str, cases) -> None:
     """Entry point of one rank (torch.multiprocessing.start_processes)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+                            world_size=world, timeout=timedelta(seconds=180))
     res = Results(rank)
     errors = {}
     try:
