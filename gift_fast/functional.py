@@ -143,7 +143,8 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
               group_size: Optional[int] = None, group_ids: Optional[torch.Tensor] = None,
               beta: float = 1.0, eps: float = 1e-6, std: str = "unbiased",
               detach_stats: bool = True, length_norm: float = 0.0,
-              drop_uniform_groups: bool = False, reduction: str = "mean") -> Tuple[torch.Tensor, Metrics]:
+              drop_uniform_groups: bool = False, reduction: str = "mean",
+              data_parallel_group=None) -> Tuple[torch.Tensor, Metrics]:
     """GIFT: ``L = (1/N_seq) sum_i (A_i - beta z_i)^2``.
 
     ``A`` standardises the rewards within each group, ``z`` the sequence log-ratios
@@ -158,6 +159,13 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     Metrics: ``adv_mean`` (mean A), ``z_mean``, ``z_abs_mean``, ``implicit_std`` (mean over groups of
     the std of s), ``correlation`` (mean within-group Pearson correlation of s and R over groups
     where it is defined), ``uniform_reward_frac``, ``loss_groups`` (groups kept).
+
+    ``data_parallel_group``: a ``torch.distributed`` process group whose ranks each hold part of
+    the batch (in rank order). The group statistics (and ``N_seq``, and the metrics) are then those
+    of the whole batch, exactly: ``group_size`` counts consecutive sequences of the global order,
+    ``group_ids`` are global labels. Each rank's loss covers its own sequences, so the per-rank
+    losses sum to the single-process loss (DDP / FSDP2 average gradients: see
+    docs/distributed.md). Needs ``detach_stats=True`` when the group has more than one rank.
     """
     check_choice("std", std, STD_CHOICES)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -168,11 +176,17 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     if anchor_logps is None:
         raise ValueError("anchor_logps: required (log-probs of pi_old or pi_ref), got None")
     _per_seq("rewards", rewards, layout, logps)
-    grp, n_groups = group_index(layout.n_seq, group_size, group_ids, logps.device)
     r = rewards.detach().to(acc)
     s, _ = _seq_logratios(layout, active, lp, fl["anchor_logps"].detach(), length_norm)
+    n_local, offset = layout.n_seq, 0
+    if data_parallel_group is not None:    # from here on s, r, group_ids span the whole batch
+        from .distributed.data_parallel import gather_group_batch
+        s, r, group_ids, offset = gather_group_batch(s, r, group_ids, data_parallel_group,
+                                                     detach_stats)
+    n_seq = s.shape[0]
+    grp, n_groups = group_index(n_seq, group_size, group_ids, logps.device)
 
-    ones = torch.ones(layout.n_seq, dtype=acc, device=lp.device)
+    ones = torch.ones(n_seq, dtype=acc, device=lp.device)
     counts = group_sum(ones, grp, n_groups)
     single = (counts == 1).index_select(0, grp)                    # [B] sequence alone in its group
 
@@ -200,8 +214,8 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
         per = _masked(keep, per)
         n_kept = keep.to(acc).sum()
     else:
-        n_kept = layout.n_seq
-    loss = _reduce(per, reduction, n_kept)
+        n_kept = n_seq
+    loss = _reduce(per[offset:offset + n_local], reduction, n_kept)   # this rank's sequences
 
     with torch.no_grad():
         dr = r - r_mean.index_select(0, grp)

@@ -116,7 +116,7 @@ def _fused_gift(hidden, weight, targets, anchor_logps, rewards, group_size, cu_s
 def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None, group_ids=None,
               cu_seqlens=None, bias=None, beta=1.0, eps=1e-6, std="unbiased", detach_stats=True,
               length_norm=0.0, drop_uniform_groups=False, temperature=1.0, softcap=None,
-              ignore_index=-100, reduction="mean", backend="auto"):
+              ignore_index=-100, reduction="mean", backend="auto", data_parallel_group=None):
     """GIFT (Group-relative Implicit Fine Tuning): ``L = mean_i (A_i - beta z_i)^2``.
 
     Args:
@@ -126,12 +126,16 @@ def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None
         anchor_logps: per-token log-probs of the anchor (pi_old by default, or pi_ref), like targets.
         rewards: ``[B]`` explicit rewards, finite.
         group_size / group_ids: consecutive groups of ``group_size`` sequences, or ``[B]`` labels.
+        data_parallel_group: process group whose ranks each hold part of the batch: group
+            statistics are exact over the whole batch (docs/distributed.md); then the log-probs
+            and the epilogue are composed (on the triton backend too).
         Other options: see :func:`gift_fast.functional.gift_loss` and docs/losses.md.
 
     Returns ``(loss, metrics)``.
     """
     if (resolve_backend(backend, getattr(hidden, "device", torch.device("cpu"))) == "triton"
             and detach_stats and group_ids is None and group_size is not None
+            and data_parallel_group is None
             and reduction in ("mean", "sum") and isinstance(hidden, torch.Tensor)):
         _check_layout(hidden, targets, cu_seqlens)
         return _fused_gift(hidden, weight, targets, anchor_logps, rewards, group_size, cu_seqlens,
@@ -143,7 +147,8 @@ def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None
     return Fn.gift_loss(logps, anchor_logps, rewards, mask=mask, cu_seqlens=cu_seqlens,
                         group_size=group_size, group_ids=group_ids, beta=beta, eps=eps, std=std,
                         detach_stats=detach_stats, length_norm=length_norm,
-                        drop_uniform_groups=drop_uniform_groups, reduction=reduction)
+                        drop_uniform_groups=drop_uniform_groups, reduction=reduction,
+                        data_parallel_group=data_parallel_group)
 
 
 def grpo_loss(hidden, weight, targets, old_logps, advantages, *, ref_logps=None, beta=0.0,
