@@ -60,8 +60,12 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index):
+def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                        vocab_size: Optional[int] = None):
     """Validates the inputs of the fused linear log-prob op and flattens them.
+
+    ``vocab_size``: the global vocabulary the targets index when ``weight`` is one vocabulary
+    shard (default: ``weight.shape[0]``).
 
     Returns ``(hidden_2d [N, H], targets_1d [N], leading_shape)``. The flattening is a view when the
     input allows it; non-contiguous inputs are accepted (the backends copy only what they must).
@@ -96,6 +100,8 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ign
         check_positive("softcap", softcap)
     h2 = hidden.reshape(-1, H)
     t1 = targets.reshape(-1)
+    if vocab_size is not None:
+        V = vocab_size
     if t1.numel() and not _capturing(t1):
         bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= V))
         if bool(bad.any()):
