@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils._python_dispatch
 
 V, H = 37, 16
 SPLITS = {2: [17, 20], 3: [10, 15, 12], 4: [9, 1, 15, 12]}   # rows of the lm_head per rank
@@ -197,7 +198,7 @@ def _loss_cases(group, sizes, rank, backend):
         "DFTLoss_module": lambda h, w, b, **k: gf.DFTLoss()(h, w, targets, bias=b, **k),
     }
     if backend == "triton":   # interpreter: the fused paths' fallbacks, kept few
-        fronts = {k: fronts[k] for k in ("gift", "grpo", "dft")}
+        fronts = {k: fronts[k] for k in ("gift", "dft")}
     results = {}
     for name, front in fronts.items():
         rec = Recorder()
@@ -271,15 +272,17 @@ def _error_cases(rec, group, sizes, rank):
 
 def _run_cases(rank, world, group):
     sizes = SPLITS[world]
-    results = {}
+    results, seconds = {}, {}
 
     def case(name, fn, *args, **kw):
         rec = Recorder()
+        t0 = time.perf_counter()
         try:
             fn(rec, *args, **kw)
         except Exception:   # noqa: BLE001 - reported to the parent
             rec.check("raised", False, traceback.format_exc())
         results[name] = rec.rows
+        seconds[name] = time.perf_counter() - t0
 
     F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
     common = (group, sizes, rank)
@@ -309,14 +312,16 @@ def _run_cases(rank, world, group):
     case("triton/f32/ties_beyond_rank0", _tie_case, *common, backend="triton", dtype=F32,
          across_rank0=False)
     case("errors", _error_cases, *common)
-    results.update(_loss_cases(group, sizes, rank, "torch"))
-    results.update(_loss_cases(group, sizes, rank, "triton"))
+    for backend in ("torch", "triton"):
+        t0 = time.perf_counter()
+        results.update(_loss_cases(group, sizes, rank, backend))
+        seconds[f"loss/{backend}/*"] = time.perf_counter() - t0
     if world == 4:   # two tensor-parallel groups of 2 (TP x DP = 2 x 2), group-local ranks
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         sub = pairs[rank // 2]
         case("torch/f32/subgroups_2x2", _logprob_case, sub, [20, 17], rank % 2, backend="torch",
              dtype=F32, seed=20 + rank // 2)
-    return results
+    return results, seconds
 
 
 def _worker(rank, world, port, out_dir):
@@ -325,9 +330,9 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
-        results = _run_cases(rank, world, dist.group.WORLD)
+        results, seconds = _run_cases(rank, world, dist.group.WORLD)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
+            json.dump({"results": results, "seconds": seconds}, f)
     finally:
         dist.destroy_process_group()
 
@@ -358,7 +363,10 @@ def _spawn(world, out_dir):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_vocab_parallel_equals_single_device(world, tmp_path):
-    per_rank = _spawn(world, tmp_path)
+    t0 = time.monotonic()
+    outputs = _spawn(world, tmp_path)
+    wall = time.monotonic() - t0
+    per_rank = [out["results"] for out in outputs]
     failures, lines = [], []
     for case in per_rank[0]:
         worst = {}
@@ -371,4 +379,45 @@ def test_vocab_parallel_equals_single_device(world, tmp_path):
         lines.append(f"{case:45s} " + "  ".join(f"{m}={e:.1e}" for m, e in worst.items()))
     print(f"\nvocab-parallel, world {world}, shards {SPLITS[world]} (max abs diff over ranks):")
     print("\n".join(lines))
+    slowest = sorted(outputs[0]["seconds"].items(), key=lambda kv: -kv[1])[:4]
+    print(f"wall {wall:.1f} s incl. spawn; slowest cases on rank 0: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in slowest))
     assert not failures, "\n".join(failures)
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_n_by_v_tensor_under_vocab_parallel(backend, monkeypatch):
+    """With chunk budgets of 8 rows, no tensor larger than hidden [N, H] appears in the forward
+    or backward of the vocab-parallel path (H = 16 < V = 37: an [N, V] tensor would show). The
+    allocations do not depend on the world size, so a group of one process (in this process,
+    where the spy works without a spawn) covers them."""
+    import gift_fast.backends.torch_chunked as tc
+    import gift_fast.backends.triton_op as to
+    from gift_fast import linear_logprobs
+    n = 64
+    hidden, weight, _, targets = _inputs(12, n, torch.float32, bias=False)
+    h, w = _leaves(hidden, weight)
+    monkeypatch.setattr(tc, "CHUNK_ELEMENTS", 8 * V)
+    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 8 * V * 4)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with _LargestAllocation() as spy:
+            logp, ent = linear_logprobs(h, w, targets, return_entropy=True, backend=backend,
+                                        vocab_parallel_group=dist.group.WORLD)
+            (logp.sum() + ent.sum()).backward()
+    finally:
+        dist.destroy_process_group()
+    assert spy.largest <= n * H, f"largest tensor {spy.largest} elements; N*H={n * H}, N*V={n * V}"

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..backends.torch_chunked import CHUNK_ELEMENTS, chunked_backward, chunked_forward
+from ..backends import torch_chunked
 
 # Local target of a row whose target lives in another shard (matches no local column); the local
 # backends then ignore nothing: ignored rows are masked here, with the global mask.
@@ -111,9 +111,9 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
 # ----------------------------------------------------------------------------------------------
 
 def _torch_local_stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy):
-    _, lse, entropy, argmax, target_logit, row_max = chunked_forward(
+    _, lse, entropy, argmax, target_logit, row_max = torch_chunked.chunked_forward(
         hidden, weight, bias, local_targets, temperature, softcap, _NOTHING_IGNORED, want_entropy,
-        CHUNK_ELEMENTS, with_shard_stats=True)
+        torch_chunked.CHUNK_ELEMENTS, with_shard_stats=True)
     return lse, target_logit, entropy, argmax, row_max
 
 
@@ -129,8 +129,9 @@ def _triton_local_stats(hidden, weight, bias, local_targets, temperature, softca
 
 def _torch_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
                           softcap, need_dx, need_dw, need_db):
-    return chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
-                            softcap, need_dx, need_dw, need_db)
+    return torch_chunked.chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
+                                          temperature, softcap, need_dx, need_dw, need_db,
+                                          torch_chunked.CHUNK_ELEMENTS)
 
 
 def _triton_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
