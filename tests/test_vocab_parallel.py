@@ -423,3 +423,45 @@ def test_no_n_by_v_tensor_under_vocab_parallel(backend, monkeypatch):
     finally:
         dist.destroy_process_group()
     assert spy.largest <= n * H, f"largest tensor {spy.largest} elements; N*H={n * H}, N*V={n * V}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_shard_hooks_add_up_to_the_full_op(backend):
+    """The backend hooks alone, in one process: each shard's local backward with the GLOBAL
+    lse / entropy gives that shard's rows of dW and db, and the shards' dX sum to the full dX;
+    an active row whose target is in another shard (local target -1) gets no one-hot term."""
+    from gift_fast import linear_logprobs
+    from gift_fast.distributed import vocab_parallel as vp
+    n = 13
+    hidden, weight, b, targets = _inputs(30, n, torch.float32, bias=True)
+    h, w, bb = _leaves(hidden, weight, b)
+    logp, ent = linear_logprobs(h, w, targets, bb, return_entropy=True, softcap=3.0,
+                                temperature=0.8, backend=backend)
+    g = torch.Generator().manual_seed(31)
+    up_logp, up_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    (logp * up_logp + ent * up_ent).sum().backward()
+    active = targets != -100
+    lse_parts, stats = [], []
+    local_stats, local_backward = vp._LOCAL[backend]
+    d_hidden = torch.zeros_like(hidden)
+    spans = [(0, 10), (10, 25), (25, V)]
+    for lo, hi in spans:
+        local = torch.where(active & (targets >= lo) & (targets < hi), targets - lo, -1)
+        stats.append(local_stats(hidden, weight[lo:hi], b[lo:hi], local, 0.8, 3.0, True))
+        lse_parts.append(stats[-1][0])
+    lse = torch.logsumexp(torch.stack(lse_parts), dim=0)       # the global lse
+    for (lo, hi), st in zip(spans, stats):
+        in_shard = active & (targets >= lo) & (targets < hi)
+        # the owner's target logit minus the global lse is the log-prob; 0 elsewhere
+        torch.testing.assert_close(torch.where(in_shard, st[1] - lse, 0.0)[in_shard],
+                                   logp.detach()[in_shard], rtol=0, atol=2e-5)
+        assert bool((st[1][~in_shard] == 0).all())
+    for (lo, hi), st in zip(spans, stats):
+        local = torch.where(active & (targets >= lo) & (targets < hi), targets - lo, -1)
+        dx, dw, db = local_backward(hidden, weight[lo:hi], b[lo:hi], local, lse, ent.detach(),
+                                    torch.where(active, up_logp, 0.0),
+                                    torch.where(active, up_ent, 0.0), 0.8, 3.0, True, True, True)
+        d_hidden += dx
+        torch.testing.assert_close(dw, w.grad[lo:hi], rtol=0, atol=2e-5)
+        torch.testing.assert_close(db, bb.grad[lo:hi], rtol=0, atol=2e-5)
+    torch.testing.assert_close(d_hidden, h.grad, rtol=0, atol=2e-5)
