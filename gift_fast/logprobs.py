@@ -59,7 +59,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
                                            ignore_index, check_targets=False)
         shard = vocab_shard(vocab_parallel_group, weight.shape[0], h2.shape[0], h2.device,
-                            vocab_start_index)
+                            vocab_start_index, targets=t1)
         check_target_range(t1, shard.vocab_size, ignore_index)
         logp, entropy, argmax = shard_logprobs(
             h2, weight, t1, bias, shard, group=vocab_parallel_group, backend=which,

@@ -263,6 +263,11 @@ def _error_cases(rec, group, sizes, rank):
            lambda: linear_logprobs(hidden, shard, targets, backend="reference",
                                    vocab_parallel_group=group),
            "backend")
+    other = targets.clone()
+    other[0] = (other[0] + rank) % V  # targets must be replicated
+    raises("different_targets_per_rank",
+           lambda: linear_logprobs(hidden, shard, other, backend="torch", vocab_parallel_group=group),
+           "same targets")
     rows = 6 if rank == 0 else 5      # hidden must be replicated
     raises("different_rows_per_rank",
            lambda: linear_logprobs(hidden[:rows], shard, targets[:rows], backend="torch",

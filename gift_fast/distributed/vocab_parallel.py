@@ -58,14 +58,25 @@ def _check_group(group) -> None:
         raise ValueError("vocab_parallel_group: this process is not a member of the group")
 
 
+def targets_fingerprint(targets: torch.Tensor) -> torch.Tensor:
+    """An int64 0-dim fingerprint of the target ids (a position-weighted sum, exact in int64 for
+    N < 2^24 rows and ids < 2^20): equal targets give equal fingerprints on every rank; a
+    difference is caught unless it cancels in the weighted sum (a consistency check, not a hash)."""
+    t = targets.reshape(-1).long()
+    pos = torch.arange(t.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
+    return ((t + 101) * pos).sum()
+
+
 def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
-                vocab_start_index: Optional[int] = None) -> VocabShard:
-    """Learns every rank's shard with one ``all_gather`` of (start, size, rows) per rank.
+                vocab_start_index: Optional[int] = None,
+                targets: Optional[torch.Tensor] = None) -> VocabShard:
+    """Learns every rank's shard with one ``all_gather`` of (start, size, rows, fingerprint of
+    the targets) per rank.
 
     Without ``vocab_start_index`` the shards follow rank order (rank 0 holds the first rows);
     with it, each rank states its own start (all ranks must give it) and the shards may be in any
-    rank order. Either way they must tile [0, V) exactly, and every rank must have the same
-    number of rows; otherwise every rank raises the same ValueError.
+    rank order. Either way they must tile [0, V) exactly, and every rank must have the same rows
+    and (if given) the same targets; otherwise every rank raises the same ValueError.
     """
     _check_group(group)
     if vocab_start_index is not None and (
@@ -74,10 +85,15 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
         raise ValueError(f"vocab_start_index: expected an int >= 0, got {vocab_start_index!r}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     start = -1 if vocab_start_index is None else vocab_start_index
-    mine = torch.tensor([start, local_vocab, n_rows], dtype=torch.int64, device=device)
+    mine = torch.zeros(4, dtype=torch.int64, device=device)
+    mine[0], mine[1], mine[2] = start, local_vocab, n_rows
+    if targets is not None:
+        mine[3] = targets_fingerprint(targets)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
-    rows = [tuple(int(v) for v in t.tolist()) for t in table]
+    gathered = torch.stack(table).tolist()          # one host sync
+    rows = [tuple(r[:3]) for r in gathered]
+    fingerprints = {r[3] for r in gathered}
 
     given = [s >= 0 for s, _, _ in rows]
     if any(given) and not all(given):
@@ -87,6 +103,9 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
     if len(counts) > 1:
         raise ValueError(f"hidden: expected the same rows on every rank of vocab_parallel_group "
                          f"(hidden and targets are replicated), got row counts {counts}")
+    if len(fingerprints) > 1:
+        raise ValueError("targets: expected the same targets on every rank of vocab_parallel_group "
+                         "(global token ids, replicated like hidden); they differ")
     if not all(given):
         starts, pos = [], 0
         for _, size, _ in rows:
