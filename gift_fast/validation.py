@@ -91,8 +91,22 @@ def check_not_dtensor(name: str, t) -> None:
             "(FSDP2 would not reduce its gradient). See docs/distributed.md")
 
 
-def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index):
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every target is ``ignore_index`` or in [0, vocab_size) (one host sync, skipped in capture)."""
+    if targets.numel() and not _capturing(targets):
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+        if bool(bad.any()):
+            first = int(targets[bad][0])
+            raise ValueError(f"targets: expected values in [0, {vocab_size}) or "
+                             f"ignore_index={ignore_index}, found {first}")
+
+
+def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                        check_targets: bool = True):
     """Validates the inputs of the fused linear log-prob op and flattens them.
+
+    ``check_targets=False`` leaves the target range to the caller (a vocabulary shard's caller
+    checks against the global vocabulary with :func:`check_target_range`).
 
     Returns ``(hidden_2d [N, H], targets_1d [N], leading_shape)``. The flattening is a view when the
     input allows it; non-contiguous inputs are accepted (the backends copy only what they must).
@@ -130,10 +144,6 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ign
         check_positive("softcap", softcap)
     h2 = hidden.reshape(-1, H)
     t1 = targets.reshape(-1)
-    if t1.numel() and not _capturing(t1):
-        bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= V))
-        if bool(bad.any()):
-            first = int(t1[bad][0])
-            raise ValueError(
-                f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, found {first}")
+    if check_targets:
+        check_target_range(t1, V, ignore_index)
     return h2, t1, lead
