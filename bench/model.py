@@ -125,10 +125,11 @@ def _launch_configs(V: int, H: int, dtype: str, gpu: GPU) -> dict:
                 matmul=dict(_call_config(gemm.matmul_config, **available)))
 
 
-def _backward_plan(n_rows, n_live, V, H, e, budget=None, order=None, need_db=False):
+def _backward_plan(n_rows, n_live, V, H, dtype, budget=None, order=None, need_db=False):
     from gift_fast.backends import triton_op
-    return triton_op.plan_backward(n_rows, n_live, V, H, e, need_dx=True, need_dw=True,
-                                   need_db=need_db, order=order, budget=budget)
+    return triton_op.plan_backward(n_rows, n_live, V, H, DTYPE_BYTES[dtype], need_dx=True,
+                                   need_dw=True, need_db=need_db, order=order, budget=budget,
+                                   bf16=dtype == "bf16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +266,8 @@ class Model:
             blocks = [(plan.step, full)] + ([(rest, 1)] if rest else [])
             if partial:
                 ks.append(self.torch_op("gather x (live rows)", n_live * h * e, n_live * h * e))
+            # bf16, every row live: dX32 is split, bf16 high half (the gradient) + int16 low.
+            split = self.dtype == "bf16" and not partial
             for cols, count in blocks:
                 if not count:
                     continue
@@ -273,9 +276,11 @@ class Model:
                                     launches=count))
                 ks.append(self.gemm("dX32 += D @ W[block]", n_live, h, cols, 4,
                                     accumulate=True, launches=count))
-            # The first block writes the accumulator without reading it.
-            ks.append(Kernel("(first dX block does not read dX32)", 0, 0, -n_live * h * 4, 0, 0))
-            if e != 4 or partial:
+            # The first block writes the accumulator without reading it; a split one is
+            # written as bf16 only by the last block.
+            ks.append(Kernel("(first dX block does not read dX32)", 0, 0, -n_live * h * 4,
+                             -n_live * h * 2 if split else 0, 0))
+            if not split and (e != 4 or partial):
                 ks.append(self.torch_op("dX = dX32 (cast / scatter)", n_live * h * 4,
                                         n_live * h * e + (n * h * e if partial else 0),
                                         launches=2 if partial else 1))
@@ -306,6 +311,7 @@ class Model:
             if k.name.startswith("(first dX block"):
                 target = next(x for x in out.values() if x.name.startswith("dX32 +="))
                 target.bytes_read += k.bytes_read
+                target.bytes_written += k.bytes_written
                 continue
             if k.name in out:
                 a = out[k.name]
@@ -323,11 +329,12 @@ class Model:
     def ops(self):
         n, h, v, e = self.n, self.h, self.v, self.e
         ops = []
-        plan_all = _backward_plan(n, n, v, h, e)
-        plan_live = _backward_plan(n, self.n_live, v, h, e) if self.n_live else None
+        dt = self.dtype
+        plan_all = _backward_plan(n, n, v, h, dt)
+        plan_live = _backward_plan(n, self.n_live, v, h, dt) if self.n_live else None
         old_budget = 256 << 20       # the design at 3c51d40: rows order, 256 MiB chunk buffer
-        plan_old = _backward_plan(n, n, v, h, e, budget=old_budget, order="rows")
-        plan_old_live = (_backward_plan(n, self.n_live, v, h, e, budget=old_budget, order="rows")
+        plan_old = _backward_plan(n, n, v, h, dt, budget=old_budget, order="rows")
+        plan_old_live = (_backward_plan(n, self.n_live, v, h, dt, budget=old_budget, order="rows")
                          if self.n_live else None)
 
         fwd = self.forward_kernels()
@@ -349,12 +356,11 @@ class Model:
         # One-pass token-local: the backward runs inside the forward; backward scales by grad_out.
         onepass = fwd + [self.torch_op("epilogue + autograd on [N] (torch)", n * 16, n * 8, 6)]
         onepass += self.backward_kernels(self.n_live, plan_live) if plan_live else []
-        onepass.append(self.torch_op("backward: dX, dW * grad_output (torch)",
+        onepass.append(self.torch_op("backward: dX, dW *= grad_output (torch, in place)",
                                      n * h * e + v * h * e, n * h * e + v * h * e, launches=2))
         ops.append(Op("one-pass token-local fwd+bwd", "gift_fast", onepass,
-                      self.forward_extra() + (plan_live.extra_bytes if plan_live else 0)
-                      + v * h * e + n * h * e,
-                      "the grad_output scaling allocates new dX, dW"))
+                      self.forward_extra() + (plan_live.extra_bytes if plan_live else 0),
+                      f"live rows {self.n_live}/{n}; dX, dW computed in the forward"))
         ops += self.peer_ops()
         for op in ops:
             op.kernels = self._merge(op.kernels)

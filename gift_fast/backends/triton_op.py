@@ -9,7 +9,9 @@ less scratch memory beyond the gradients themselves (``bench/model.py`` shows wh
 - ``"vocab"`` (vocabulary outer): for each block of ``step`` vocabulary columns, recompute
   D = dlogits[:, block] for all live rows, write dW[block] = D.T @ X once, straight in the weight
   dtype (float32 accumulation over all rows stays in registers), and add D @ W[block] into a
-  float32 [rows, H] dX accumulator. Scratch: the [rows, step] buffer + the dX accumulator.
+  float32 [rows, H] dX accumulator. Scratch: the [rows, step] buffer + the dX accumulator; for
+  bfloat16 with every row live the accumulator is split (``kernels/gemm.py``): its high half is
+  the bf16 dX itself, so only its int16 low half (2 bytes per element) is scratch.
 - ``"rows"`` (rows outer): for each chunk of ``step`` rows, recompute D = dlogits[chunk, :],
   write dX[chunk] = D @ W, and add D.T @ X into a float32 [V, H] dW accumulator. Scratch: the
   [step, V] buffer + the dW accumulator (V x H x 4 bytes), which is read and rewritten once per
@@ -28,7 +30,9 @@ import torch
 from ..kernels import dlogits, dot_precision, logprob_forward_stats, matmul
 
 # Budget of the one dlogits buffer of the backward, whatever N and V are.
-BACKWARD_CHUNK_BYTES = int(os.environ.get("GIFT_FAST_BWD_CHUNK_BYTES", 64 << 20))
+# 32 MiB keeps the whole backward scratch within 2*N*H bytes + 64 MiB at N=8192, H=4096 (bf16)
+# while the vocabulary blocks stay 2048 columns wide, GEMM-sized (bench/model.py).
+BACKWARD_CHUNK_BYTES = int(os.environ.get("GIFT_FAST_BWD_CHUNK_BYTES", 32 << 20))
 # "auto" picks the order with less scratch memory; "rows" / "vocab" force one (tests, benchmarks).
 BACKWARD_ORDER = os.environ.get("GIFT_FAST_BWD_ORDER", "auto")
 BACKWARD_ORDERS = ("auto", "rows", "vocab")
@@ -63,9 +67,16 @@ class BackwardPlan:
     extra_bytes: int    # peak scratch beyond the gradients themselves (model of this code)
 
 
+def _split_dx(n_rows: int, n_live: int, bf16: bool) -> bool:
+    """The vocab order keeps dX as bf16 high half (the gradient) + int16 low half."""
+    return bf16 and n_live == n_rows
+
+
 def backward_extra_bytes(order: str, step: int, n_rows: int, n_live: int, vocab: int, hidden: int,
-                         element_size: int, need_dx: bool, need_dw: bool, need_db: bool) -> int:
-    """Peak bytes the backward allocates besides dX, dW, db themselves, for this code's buffers."""
+                         element_size: int, need_dx: bool, need_dw: bool, need_db: bool,
+                         bf16: bool = False) -> int:
+    """Peak bytes the backward allocates besides dX, dW, db themselves, for this code's buffers
+    (``bf16``: hidden is bfloat16, not float16)."""
     e = element_size
     per_row = n_live * 32                                  # row ids, gathered y / g / e / lse
     partial = n_live < n_rows
@@ -78,15 +89,22 @@ def backward_extra_bytes(order: str, step: int, n_rows: int, n_live: int, vocab:
     if order != "vocab":
         raise ValueError(f"order: expected 'rows' or 'vocab', got {order!r}")
     gathered = n_live * hidden * e if partial else 0
-    acc = n_live * hidden * 4 if need_dx and (partial or e != 4) else 0     # float32 dX
+    acc = 0
+    if need_dx and _split_dx(n_rows, n_live, bf16):
+        acc = n_live * hidden * 2                                        # int16 low half
+    elif need_dx and (partial or e != 4):
+        acc = n_live * hidden * 4                                        # float32 dX
     loop = n_live * step * e + gathered + acc
     finish = acc + (n_live * hidden * e if need_dx and partial and e != 4 else 0)
+    if need_dx and _split_dx(n_rows, n_live, bf16):
+        finish = 0
     return per_row + max(loop, finish)
 
 
 def plan_backward(n_rows: int, n_live: int, vocab: int, hidden: int, element_size: int,
                   need_dx: bool = True, need_dw: bool = True, need_db: bool = False,
-                  order: str | None = None, budget: int | None = None) -> BackwardPlan:
+                  order: str | None = None, budget: int | None = None,
+                  bf16: bool = False) -> BackwardPlan:
     """The loop order and step of the backward for these sizes (``order``/``budget`` default to
     ``BACKWARD_ORDER``/``BACKWARD_CHUNK_BYTES``). Pure arithmetic: the cost model calls it too."""
     order = BACKWARD_ORDER if order is None else order
@@ -98,7 +116,8 @@ def plan_backward(n_rows: int, n_live: int, vocab: int, hidden: int, element_siz
         step = (backward_block_cols(live, element_size, vocab, budget) if o == "vocab"
                 else backward_chunk_rows(vocab, element_size, live, budget))
         plans.append(BackwardPlan(o, step, backward_extra_bytes(
-            o, step, n_rows, n_live, vocab, hidden, element_size, need_dx, need_dw, need_db)))
+            o, step, n_rows, n_live, vocab, hidden, element_size, need_dx, need_dw, need_db,
+            bf16)))
     return min(plans, key=lambda p: p.extra_bytes)      # ties: the vocab order (listed first)
 
 
@@ -166,9 +185,10 @@ def _rows_outer(hidden, rows, weight, bias, y, g, e, lse, ent, temperature, soft
 
 
 def _vocab_outer(x, weight, bias, y, g, e, lse, ent, temperature, softcap, precision, step,
-                 dx32, dw_out, db_out):
+                 dx, dx_lo, dw_out, db_out):
     """Blocks of ``step`` columns: D [rows, step]; dW/db rows written once in the weight dtype
-    (K = all rows, float32 in registers), dX added into the float32 accumulator ``dx32``."""
+    (K = all rows, float32 in registers); dX summed over blocks in float32: in ``dx`` (float32),
+    or split between ``dx`` (bfloat16 high half, rounded at the last block) and ``dx_lo``."""
     n = x.shape[0]
     V = weight.shape[0]
     buffer = torch.empty((n, min(step, V)), dtype=x.dtype, device=x.device)
@@ -179,8 +199,9 @@ def _vocab_outer(x, weight, bias, y, g, e, lse, ent, temperature, softcap, preci
                             precision)
         if dw_out is not None:
             matmul(d.T, x, dw_out[v0:v1], accumulate=False, dot_precision=precision)
-        if dx32 is not None:
-            matmul(d, weight[v0:v1], dx32, accumulate=v0 > 0, dot_precision=precision)
+        if dx is not None:
+            matmul(d, weight[v0:v1], dx, accumulate=v0 > 0, dot_precision=precision, lo=dx_lo,
+                   keep_lo=v1 < V)
         if db_out is not None:
             db_out[v0:v1] = d.sum(0, dtype=torch.float32)
 
@@ -203,8 +224,9 @@ def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, so
         return (torch.zeros_like(hidden) if need_dx else None,
                 torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None,
                 torch.zeros_like(bias) if need_db else None)
+    bf16 = dtype == torch.bfloat16
     plan = plan_backward(N, n_live, V, H, hidden.element_size(), need_dx, need_dw, need_db,
-                         order=order)
+                         order=order, bf16=bf16)
     precision = dot_precision(dtype)
     partial = n_live < N
     if partial:        # the live rows' per-row vectors, compacted
@@ -217,21 +239,25 @@ def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, so
     if plan.order == "vocab":
         d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None
         d_bias = torch.empty_like(bias) if need_db else None
-        dx32 = None
+        dx = dx_lo = None
         if need_dx:
-            # float32 hidden with every row live: accumulate straight into the gradient.
-            dx32 = torch.empty((n_live, H), dtype=torch.float32, device=dev) \
-                if partial or dtype != torch.float32 else torch.empty_like(hidden)
+            if _split_dx(N, n_live, bf16):     # high half = the gradient, low half = scratch
+                dx = torch.empty((N, H), dtype=dtype, device=dev)
+                dx_lo = torch.empty((N, H), dtype=torch.int16, device=dev)
+            elif partial or dtype != torch.float32:
+                dx = torch.empty((n_live, H), dtype=torch.float32, device=dev)
+            else:                               # float32, every row live: the gradient itself
+                dx = torch.empty_like(hidden)
         x = hidden[rows] if partial else hidden          # contiguous copy of the live rows
-        _vocab_outer(x, *args, dx32, d_weight, d_bias)
-        del x
+        _vocab_outer(x, *args, dx, dx_lo, d_weight, d_bias)
+        del x, dx_lo
         d_hidden = None
         if need_dx:
             if partial:
                 d_hidden = torch.zeros_like(hidden)
-                d_hidden.index_copy_(0, rows, dx32.to(dtype))
+                d_hidden.index_copy_(0, rows, dx.to(dtype))
             else:
-                d_hidden = dx32.to(dtype)
+                d_hidden = dx.to(dtype)
     else:
         d_hidden = torch.zeros_like(hidden) if need_dx else None
         dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_dw else None
