@@ -128,8 +128,7 @@ def _launch_configs(V: int, H: int, dtype: str, gpu: GPU) -> dict:
 def _backward_plan(n_rows, n_live, V, H, dtype, budget=None, order=None, need_db=False):
     from gift_fast.backends import triton_op
     return triton_op.plan_backward(n_rows, n_live, V, H, DTYPE_BYTES[dtype], need_dx=True,
-                                   need_dw=True, need_db=need_db, order=order, budget=budget,
-                                   bf16=dtype == "bf16")
+                                   need_dw=True, need_db=need_db, order=order, budget=budget)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,8 +265,8 @@ class Model:
             blocks = [(plan.step, full)] + ([(rest, 1)] if rest else [])
             if partial:
                 ks.append(self.torch_op("gather x (live rows)", n_live * h * e, n_live * h * e))
-            # bf16, every row live: dX32 is split, bf16 high half (the gradient) + int16 low.
-            split = self.dtype == "bf16" and not partial
+            # 16-bit, every row live: dX32 is split, high half in dX itself + int16 low half.
+            split = e == 2 and not partial
             for cols, count in blocks:
                 if not count:
                     continue
@@ -539,6 +538,8 @@ def markdown(result) -> str:
         lines.append(f"| {op['name']} | {op['gemm_eq']:.2f} | "
                      f"{_fmt_bytes(op['bytes_read'] + op['bytes_written'])} | {op['host_syncs']} | "
                      f"{op['launches']} | " + " | ".join(cells) + f" | {_fmt_bytes(op['extra_memory_bytes'])} |")
+    notes = [f"- {op['name']}: {op['note']}" for op in result["ops"] if op["note"]]
+    lines += ["", "Notes:", ""] + notes
     lines += ["", "Goals (H100 model):", ""]
     for gl in result["goals"]:
         value = (f"{gl['value']:.2f}x" if "bare" in gl["goal"] else _fmt_bytes(gl["value"]))

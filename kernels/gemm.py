@@ -1,11 +1,11 @@
 """A deterministic GEMM with float32 accumulation: ``C = A @ B`` or ``C += A @ B``.
 
 Used by the backward pass for dX (+)= D @ W and dW (+)= D.T @ X. ``ACCUMULATE`` adds into C
-in float32, so sums across chunks / vocabulary blocks never round to bf16. A float32 accumulator
-can also be kept split in two 16-bit halves (``LO_IN`` / ``LO_OUT``): C (bfloat16) holds the high
-16 bits, which are exactly a bfloat16, and LO (int16) the low 16 bits. Then C is the bf16
-gradient itself and the only scratch is LO, half of a float32 accumulator; the last launch
-(``LO_OUT`` off) stores C rounded to bfloat16. Tile sizes are fixed (no autotuning), so results
+in float32, so sums across chunks / vocabulary blocks never round to 16 bits. A float32
+accumulator can also be kept split in two 16-bit halves (``LO_IN`` / ``LO_OUT``): C (a 16-bit
+float tensor, used as raw bits until the end) holds the high 16 bits and LO (int16) the low 16.
+Then C is the storage of the 16-bit gradient itself and the only scratch is LO, half of a float32
+accumulator; the last launch (``LO_OUT`` off) stores the sum rounded to C's dtype. Tile sizes are fixed (no autotuning), so results
 are reproducible run to run.
 """
 import torch
@@ -54,7 +54,8 @@ def _matmul_kernel(
             acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
     if LO_OUT:
         bits = acc.to(tl.uint32, bitcast=True)
-        tl.store(c_ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=c_mask)
+        tl.store(c_ptrs, (bits >> 16).to(tl.uint16).to(C.dtype.element_ty, bitcast=True),
+                 mask=c_mask)
         tl.store(LO + c_off, (bits & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True),
                  mask=c_mask)
     else:
@@ -69,16 +70,17 @@ def matmul_config(interpreted: bool) -> dict:
 
 def matmul(a, b, out, accumulate: bool, dot_precision: str, lo=None, keep_lo: bool = False):
     """out (+)= a @ b for 2-D tensors of any strides; ``out`` float32 when accumulating, or
-    bfloat16 with ``lo`` (int16, same shape and strides) holding the accumulator's low 16 bits:
-    ``accumulate`` then reads the split accumulator, ``keep_lo`` writes it split again (otherwise
-    ``out`` gets the sum rounded to bfloat16 and ``lo`` is left alone)."""
+    bfloat16/float16 with ``lo`` (int16, same shape and strides): ``out`` then holds the raw high
+    16 bits and ``lo`` the low 16 bits of a float32 accumulator. ``accumulate`` reads that split
+    accumulator, ``keep_lo`` writes it split again (otherwise ``out`` gets the sum rounded to its
+    dtype and ``lo`` is left alone)."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
-    if lo is not None and (out.dtype != torch.bfloat16 or lo.dtype != torch.int16
+    if lo is not None and (out.dtype not in (torch.bfloat16, torch.float16) or lo.dtype != torch.int16
                            or lo.shape != out.shape or lo.stride() != out.stride()):
-        raise ValueError("lo: expected an int16 tensor with the shape and strides of a bfloat16 "
+        raise ValueError("lo: expected an int16 tensor with the shape and strides of a 16-bit "
                          f"out, got {lo.dtype} {tuple(lo.shape)} for {out.dtype} {tuple(out.shape)}")
     cfg = matmul_config(not a.is_cuda)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)

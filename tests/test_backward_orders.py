@@ -51,7 +51,7 @@ def _close(name, actual, expected, tol):
 
 
 @pytest.mark.parametrize("case, dtype", [(c, torch.float32) for c in CASES]
-                         + [("bias_softcap_entropy", torch.float16)])
+                         + [("bias_softcap_entropy", torch.float16), ("ragged", torch.float16)])
 @pytest.mark.parametrize("order", ["rows", "vocab"])
 def test_order_matches_float64(order, dtype, case, monkeypatch):
     N, H, V, bias, temperature, softcap, ignored, entropy = CASES[case]
@@ -150,16 +150,18 @@ def test_steps_respect_the_budget():
         assert rows == 1 or rows * v * e <= budget
 
 
-def test_split_accumulator_is_an_exact_float32_sum():
-    """matmul with a split accumulator (bf16 high half + int16 low half) holds exactly the float32
-    sum the plain float32 accumulator holds; the last launch rounds it to bf16. float32 operands
-    (tl.dot on bf16 is broken in the interpreter; the split is in the epilogue, not the dot)."""
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_split_accumulator_is_an_exact_float32_sum(half):
+    """matmul with a split accumulator (16-bit high half + int16 low half) holds exactly the
+    float32 sum the plain float32 accumulator holds; the last launch rounds it to 16 bits.
+    float32 operands (tl.dot on bf16 is broken in the interpreter; the split is in the epilogue,
+    not the dot)."""
     from gift_fast.kernels import matmul
     g = torch.Generator().manual_seed(11)
     M, K, N = 19, 21, 35
     parts = [(torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)) for _ in range(4)]
     ref = torch.empty(M, N)
-    hi = torch.empty(M, N, dtype=torch.bfloat16)
+    hi = torch.empty(M, N, dtype=half)
     lo = torch.empty(M, N, dtype=torch.int16)
     for i, (a, b) in enumerate(parts[:-1]):
         matmul(a, b, ref, accumulate=i > 0, dot_precision="ieee")
@@ -169,23 +171,26 @@ def test_split_accumulator_is_an_exact_float32_sum():
     a, b = parts[-1]
     matmul(a, b, ref, accumulate=True, dot_precision="ieee")
     matmul(a, b, hi, accumulate=True, dot_precision="ieee", lo=lo, keep_lo=False)
-    # bf16 rounding of the float32 sum (the interpreter rounds toward zero, a GPU to nearest).
+    # 16-bit rounding of the float32 sum (the interpreter may round bf16 toward zero, a GPU
+    # rounds to nearest).
     assert torch.all((hi.float() - ref).abs() <= ref.abs() * 2 ** -7)
     with pytest.raises(ValueError, match="lo"):
         matmul(a, b, hi, accumulate=True, dot_precision="ieee", lo=lo[:, :3], keep_lo=True)
 
 
-def test_vocab_order_with_split_dx_accumulator():
-    """The bf16 path of the vocab order (dX = bf16 high half + int16 low half across blocks),
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_vocab_order_with_split_dx_accumulator(half):
+    """The 16-bit path of the vocab order (dX = high half in dX + int16 low half across blocks),
     driven with float32 operands so that the interpreter's dot is exact: first, middle and last
-    blocks (the last rounds to bf16) against the float32-accumulator path."""
+    blocks (the last rounds to 16 bits) against the float32-accumulator path. (float16 runs the
+    whole path end to end in test_order_matches_float64[vocab-ragged-float16].)"""
     N, H, V = 17, 20, 70
     hidden, weight, b, targets, g, _ = _inputs(N, H, V, torch.float32, True, 0.0, seed=12)
     lse = torch.logsumexp(hidden @ weight.T + b, 1)
     args = (weight, b, targets, g, None, lse, None, 1.0, None, "ieee", 16)   # 5 blocks
     ref = torch.empty(N, H)
     to._vocab_outer(hidden, *args, ref, None, None, None)
-    hi = torch.empty(N, H, dtype=torch.bfloat16)
+    hi = torch.empty(N, H, dtype=half)
     to._vocab_outer(hidden, *args, hi, torch.empty(N, H, dtype=torch.int16), None, None)
     assert torch.all((hi.float() - ref).abs() <= ref.abs() * 2 ** -7)
     expected = torch.autograd.functional.jacobian(
@@ -195,10 +200,11 @@ def test_vocab_order_with_split_dx_accumulator():
 
 
 def test_memory_goal_of_the_chosen_plan():
-    """bf16, N=8192, H=4096, V=151936: the backward's scratch fits 2*N*H bytes + 64 MiB."""
+    """16-bit, N=8192, H=4096, V=151936: the backward's scratch fits 2*N*H bytes + 64 MiB."""
     n, h, v = 8192, 4096, 151936
-    plan = plan_backward(n, n, v, h, 2, bf16=True, budget=32 << 20)
+    plan = plan_backward(n, n, v, h, 2, budget=32 << 20)
     assert plan.order == "vocab" and plan.step == 2048
     assert plan.extra_bytes <= 2 * n * h + (64 << 20)
-    fp16 = plan_backward(n, n, v, h, 2, bf16=False, budget=32 << 20)
-    assert fp16.extra_bytes == plan.extra_bytes + n * h * 2     # a whole float32 accumulator
+    # Some rows dead: a compact float32 accumulator (4 bytes/element) and the live rows of X.
+    partial = plan_backward(n, n - 1, v, h, 2, budget=32 << 20)
+    assert partial.extra_bytes > plan.extra_bytes + (n - 1) * h * 2

@@ -10,8 +10,8 @@ less scratch memory beyond the gradients themselves (``bench/model.py`` shows wh
   D = dlogits[:, block] for all live rows, write dW[block] = D.T @ X once, straight in the weight
   dtype (float32 accumulation over all rows stays in registers), and add D @ W[block] into a
   float32 [rows, H] dX accumulator. Scratch: the [rows, step] buffer + the dX accumulator; for
-  bfloat16 with every row live the accumulator is split (``kernels/gemm.py``): its high half is
-  the bf16 dX itself, so only its int16 low half (2 bytes per element) is scratch.
+  16-bit dtypes with every row live the accumulator is split (``kernels/gemm.py``): its high half
+  lives in the storage of dX itself, so only its int16 low half (2 bytes/element) is scratch.
 - ``"rows"`` (rows outer): for each chunk of ``step`` rows, recompute D = dlogits[chunk, :],
   write dX[chunk] = D @ W, and add D.T @ X into a float32 [V, H] dW accumulator. Scratch: the
   [step, V] buffer + the dW accumulator (V x H x 4 bytes), which is read and rewritten once per
@@ -67,16 +67,14 @@ class BackwardPlan:
     extra_bytes: int    # peak scratch beyond the gradients themselves (model of this code)
 
 
-def _split_dx(n_rows: int, n_live: int, bf16: bool) -> bool:
-    """The vocab order keeps dX as bf16 high half (the gradient) + int16 low half."""
-    return bf16 and n_live == n_rows
+def _split_dx(n_rows: int, n_live: int, element_size: int) -> bool:
+    """The vocab order keeps a 16-bit dX's float32 sum split: high half in dX, low half int16."""
+    return element_size == 2 and n_live == n_rows
 
 
 def backward_extra_bytes(order: str, step: int, n_rows: int, n_live: int, vocab: int, hidden: int,
-                         element_size: int, need_dx: bool, need_dw: bool, need_db: bool,
-                         bf16: bool = False) -> int:
-    """Peak bytes the backward allocates besides dX, dW, db themselves, for this code's buffers
-    (``bf16``: hidden is bfloat16, not float16)."""
+                         element_size: int, need_dx: bool, need_dw: bool, need_db: bool) -> int:
+    """Peak bytes the backward allocates besides dX, dW, db themselves, for this code's buffers."""
     e = element_size
     per_row = n_live * 32                                  # row ids, gathered y / g / e / lse
     partial = n_live < n_rows
@@ -90,21 +88,20 @@ def backward_extra_bytes(order: str, step: int, n_rows: int, n_live: int, vocab:
         raise ValueError(f"order: expected 'rows' or 'vocab', got {order!r}")
     gathered = n_live * hidden * e if partial else 0
     acc = 0
-    if need_dx and _split_dx(n_rows, n_live, bf16):
+    if need_dx and _split_dx(n_rows, n_live, e):
         acc = n_live * hidden * 2                                        # int16 low half
     elif need_dx and (partial or e != 4):
         acc = n_live * hidden * 4                                        # float32 dX
     loop = n_live * step * e + gathered + acc
     finish = acc + (n_live * hidden * e if need_dx and partial and e != 4 else 0)
-    if need_dx and _split_dx(n_rows, n_live, bf16):
+    if need_dx and _split_dx(n_rows, n_live, e):
         finish = 0
     return per_row + max(loop, finish)
 
 
 def plan_backward(n_rows: int, n_live: int, vocab: int, hidden: int, element_size: int,
                   need_dx: bool = True, need_dw: bool = True, need_db: bool = False,
-                  order: str | None = None, budget: int | None = None,
-                  bf16: bool = False) -> BackwardPlan:
+                  order: str | None = None, budget: int | None = None) -> BackwardPlan:
     """The loop order and step of the backward for these sizes (``order``/``budget`` default to
     ``BACKWARD_ORDER``/``BACKWARD_CHUNK_BYTES``). Pure arithmetic: the cost model calls it too."""
     order = BACKWARD_ORDER if order is None else order
@@ -116,8 +113,7 @@ def plan_backward(n_rows: int, n_live: int, vocab: int, hidden: int, element_siz
         step = (backward_block_cols(live, element_size, vocab, budget) if o == "vocab"
                 else backward_chunk_rows(vocab, element_size, live, budget))
         plans.append(BackwardPlan(o, step, backward_extra_bytes(
-            o, step, n_rows, n_live, vocab, hidden, element_size, need_dx, need_dw, need_db,
-            bf16)))
+            o, step, n_rows, n_live, vocab, hidden, element_size, need_dx, need_dw, need_db)))
     return min(plans, key=lambda p: p.extra_bytes)      # ties: the vocab order (listed first)
 
 
@@ -224,9 +220,8 @@ def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, so
         return (torch.zeros_like(hidden) if need_dx else None,
                 torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None,
                 torch.zeros_like(bias) if need_db else None)
-    bf16 = dtype == torch.bfloat16
     plan = plan_backward(N, n_live, V, H, hidden.element_size(), need_dx, need_dw, need_db,
-                         order=order, bf16=bf16)
+                         order=order)
     precision = dot_precision(dtype)
     partial = n_live < N
     if partial:        # the live rows' per-row vectors, compacted
@@ -241,7 +236,7 @@ def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, so
         d_bias = torch.empty_like(bias) if need_db else None
         dx = dx_lo = None
         if need_dx:
-            if _split_dx(N, n_live, bf16):     # high half = the gradient, low half = scratch
+            if _split_dx(N, n_live, hidden.element_size()):   # high half in dX, low = scratch
                 dx = torch.empty((N, H), dtype=dtype, device=dev)
                 dx_lo = torch.empty((N, H), dtype=torch.int16, device=dev)
             elif partial or dtype != torch.float32:
