@@ -208,3 +208,38 @@ def test_memory_goal_of_the_chosen_plan():
     # Some rows dead: a compact float32 accumulator (4 bytes/element) and the live rows of X.
     partial = plan_backward(n, n - 1, v, h, 2, budget=32 << 20)
     assert partial.extra_bytes > plan.extra_bytes + (n - 1) * h * 2
+
+
+class _Float32Spy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element counts of the float32 tensors any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("order", ["rows", "vocab"])
+def test_float16_scratch_of_each_order(order, monkeypatch):
+    """float16, every row live: the vocab order allocates no float32 [V, H] dW and no float32
+    [N, H] dX (split accumulator); the rows order does allocate its float32 [V, H] dW (the spy
+    sees it, so the vocab assertion can fail)."""
+    N, H, V = 24, 16, 80
+    hidden, weight, _, targets, g_logp, _ = _inputs(N, H, V, torch.float16, False, 0.0, seed=13)
+    monkeypatch.setattr(to, "BACKWARD_ORDER", order)
+    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 24 * 2 * (V if order == "rows" else N))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = linear_logprobs(h, w, targets, backend="triton")
+    with _Float32Spy() as spy:
+        torch.autograd.grad((logp * g_logp).sum(), (h, w))
+    big = [n for n in spy.sizes if n >= N * H]
+    if order == "vocab":
+        assert big == [], big
+    else:       # (the interpreter may add copies of the kernel's float32 argument)
+        assert big and set(big) == {V * H}, big
