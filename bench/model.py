@@ -411,7 +411,8 @@ class Model:
                Kernel("lse forward (1 GEMM-eq)", 2.0 * nl * h * v, nl * v,
                       tiled_operand_bytes(nl, v, h, CCE_TILE, CCE_TILE, math.ceil(nl / CCE_TILE),
                                           self.gpu.sms, e, e), nl * 4),
-               Kernel("backward: recompute + dE, dC with lock adds", 2.0 * nl * h * v * (1 + 2 * keep),
+               Kernel("backward: recompute + dE, dC with lock adds",
+                      2.0 * nl * h * v * (1 + 2 * keep),
                       nl * v, tiled_operand_bytes(nl, v, h, CCE_TILE, CCE_TILE,
                                                   math.ceil(nl / CCE_TILE), self.gpu.sms, e, e),
                       0, lock_bytes=tiles * keep * 2 * (2 * CCE_TILE * h * e),
@@ -455,9 +456,10 @@ def evaluate(n, h, v, dtype="bf16", live_frac=1.0, cce_filtered=0.0, gpus=("h100
         for key in gpus:
             o = per_gpu[key][i]
             times[key] = sum(k.time(GPUS[key], dtype)[0] for k in o.kernels)
-        bare = {key: sum(k.time(GPUS[key], dtype)[0] for k in
-                         next(o for o in per_gpu[key] if o.name == "bare lm_head GEMM fwd+bwd").kernels)
-                for key in gpus}
+        bare = {}
+        for key in gpus:
+            ref = next(o for o in per_gpu[key] if o.name == "bare lm_head GEMM fwd+bwd")
+            bare[key] = sum(k.time(GPUS[key], dtype)[0] for k in ref.kernels)
         for k in op.kernels:
             kk = dict(name=k.name, flops=k.flops, exps=k.exps, bytes_read=k.bytes_read,
                       bytes_written=k.bytes_written, lock_bytes=k.lock_bytes,
@@ -537,7 +539,8 @@ def markdown(result) -> str:
                  for g in gpus]
         lines.append(f"| {op['name']} | {op['gemm_eq']:.2f} | "
                      f"{_fmt_bytes(op['bytes_read'] + op['bytes_written'])} | {op['host_syncs']} | "
-                     f"{op['launches']} | " + " | ".join(cells) + f" | {_fmt_bytes(op['extra_memory_bytes'])} |")
+                     f"{op['launches']} | " + " | ".join(cells)
+                     + f" | {_fmt_bytes(op['extra_memory_bytes'])} |")
     notes = [f"- {op['name']}: {op['note']}" for op in result["ops"] if op["note"]]
     lines += ["", "Notes:", ""] + notes
     lines += ["", "Goals (H100 model):", ""]
@@ -557,7 +560,8 @@ def kernel_markdown(result, gpu: str) -> str:
         for k in op["kernels"]:
             lines.append(
                 f"| {op['name']} | {k['name']} | {k['flops'] / 1e12:.2f} | {k['exps'] / 1e9:.2f} | "
-                f"{_fmt_bytes(k['bytes_read'] + k['lock_bytes'])} | {_fmt_bytes(k['bytes_written'])} | "
+                f"{_fmt_bytes(k['bytes_read'] + k['lock_bytes'])} | "
+                f"{_fmt_bytes(k['bytes_written'])} | "
                 f"{k['launches']} | {k['host_syncs']} | {k['time_s'][gpu] * 1e3:.3f} | "
                 f"{k['bound'][gpu]} |")
     return "\n".join(lines)

@@ -5,8 +5,8 @@ in float32, so sums across chunks / vocabulary blocks never round to 16 bits. A 
 accumulator can also be kept split in two 16-bit halves (``LO_IN`` / ``LO_OUT``): C (a 16-bit
 float tensor, used as raw bits until the end) holds the high 16 bits and LO (int16) the low 16.
 Then C is the storage of the 16-bit gradient itself and the only scratch is LO, half of a float32
-accumulator; the last launch (``LO_OUT`` off) stores the sum rounded to C's dtype. Tile sizes are fixed (no autotuning), so results
-are reproducible run to run.
+accumulator; the last launch (``LO_OUT`` off) stores the sum rounded to C's dtype. Tile sizes
+are fixed (no autotuning), so results are reproducible run to run.
 """
 import torch
 import triton
@@ -78,10 +78,12 @@ def matmul(a, b, out, accumulate: bool, dot_precision: str, lo=None, keep_lo: bo
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
-    if lo is not None and (out.dtype not in (torch.bfloat16, torch.float16) or lo.dtype != torch.int16
+    if lo is not None and (out.dtype not in (torch.bfloat16, torch.float16)
+                           or lo.dtype != torch.int16
                            or lo.shape != out.shape or lo.stride() != out.stride()):
         raise ValueError("lo: expected an int16 tensor with the shape and strides of a 16-bit "
-                         f"out, got {lo.dtype} {tuple(lo.shape)} for {out.dtype} {tuple(out.shape)}")
+                         f"out, got {lo.dtype} {tuple(lo.shape)} for {out.dtype} "
+                         f"{tuple(out.shape)}")
     cfg = matmul_config(not a.is_cuda)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _matmul_kernel[grid](

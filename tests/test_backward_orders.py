@@ -33,7 +33,8 @@ def _inputs(N, H, V, dtype, bias, ignored, seed):
 
 
 def _grads(backend, hidden, weight, b, targets, g_logp, g_ent, entropy, **kw):
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
+    leaves = [t.clone().requires_grad_()
+              for t in (hidden, weight) + ((b,) if b is not None else ())]
     logp, ent = linear_logprobs(leaves[0], leaves[1], targets, leaves[2] if b is not None else None,
                                 return_entropy=True, backend=backend,
                                 reference_dtype=torch.float64, **kw)

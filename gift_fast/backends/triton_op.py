@@ -47,13 +47,15 @@ def _budget_steps(budget: int, other_dim: int, element_size: int, limit: int) ->
     return max(1, min(step, limit))
 
 
-def backward_chunk_rows(vocab: int, element_size: int, n_rows: int, budget: int | None = None) -> int:
+def backward_chunk_rows(vocab: int, element_size: int, n_rows: int,
+                        budget: int | None = None) -> int:
     """Rows per chunk of the rows-outer order: a [rows, V] buffer within the budget."""
     budget = BACKWARD_CHUNK_BYTES if budget is None else budget
     return _budget_steps(budget, vocab, element_size, n_rows)
 
 
-def backward_block_cols(n_rows: int, element_size: int, vocab: int, budget: int | None = None) -> int:
+def backward_block_cols(n_rows: int, element_size: int, vocab: int,
+                        budget: int | None = None) -> int:
     """Vocabulary columns per block of the vocab-outer order: a [rows, cols] buffer within the
     budget."""
     budget = BACKWARD_CHUNK_BYTES if budget is None else budget
