@@ -40,7 +40,8 @@ class OnePassTokenLocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss):
-        grads = tuple(None if t is None else t * d_loss.to(t.dtype) for t in ctx.grads)
+        # In place: the gradients are ours alone, and a second dX/dW copy would double memory.
+        grads = tuple(None if t is None else t.mul_(d_loss.to(t.dtype)) for t in ctx.grads)
         ctx.grads = None
         return (*grads, None, None, None, None, None, None)
 
