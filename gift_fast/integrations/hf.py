@@ -149,19 +149,25 @@ def _check_ids(input_ids, attention_mask, logits_to_keep):
                          f"got {logits_to_keep!r}")
 
 
-def _hidden_and_targets(model, input_ids, attention_mask, logits_to_keep, model_kwargs):
-    """Last hidden states of the positions that predict a kept token, and those tokens."""
+def _last_hidden(model, input_ids, attention_mask, model_kwargs):
+    """``[B, T, H]`` last hidden states of the model's body, and the model's head."""
     model_kwargs = dict(model_kwargs)
     model_kwargs["use_cache"] = False
     ids = None if model_kwargs.get("inputs_embeds") is not None else input_ids
     out = _body(model)(input_ids=ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    targets = next_token_targets(input_ids, attention_mask)
+    head = lm_head_of(model)
+    return hidden.to(head.weight.device), head
+
+
+def _hidden_and_targets(model, input_ids, attention_mask, logits_to_keep, model_kwargs):
+    """Last hidden states of the positions that predict a kept token, and those tokens."""
+    hidden, head = _last_hidden(model, input_ids, attention_mask, model_kwargs)
+    targets = next_token_targets(input_ids, attention_mask).to(hidden.device)
     hidden = hidden[:, :-1]
     if logits_to_keep is not None:   # TRL's alignment: the last k next-token predictions
         hidden, targets = hidden[:, -logits_to_keep:], targets[:, -logits_to_keep:]
-    head = lm_head_of(model)
-    return hidden.to(head.weight.device), targets.to(head.weight.device), head
+    return hidden, targets, head
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
