@@ -70,12 +70,12 @@ def _granite(model, cfg) -> dict:
     return {"logit_scale": 1.0 / float(cfg.logits_scaling)}
 
 
-# model_type (of the text config) -> extra head parameters. Every entry was checked against the
-# model's forward in transformers 5.x; the tested ones are listed in the README.
+# model_type (of the text config) -> extra head parameters, each checked against the model's
+# forward in transformers 5.23 and tested (tests/test_integration_hf.py; table in the README).
 _HEADS: dict[str, Callable[[Any, Any], dict]] = {
     "llama": _plain, "mistral": _plain, "qwen2": _plain, "qwen3": _plain, "phi3": _plain,
     "phi": _plain, "gemma": _plain, "gemma2": _softcapped, "gemma3_text": _softcapped,
-    "cohere": _cohere, "cohere2": _cohere, "granite": _granite,
+    "cohere": _cohere, "granite": _granite,
 }
 
 
