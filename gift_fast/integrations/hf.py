@@ -200,6 +200,16 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional[torc
                            return_entropy=return_entropy, backend=backend)
 
 
+def positional_ids_and_mask(args, kwargs):
+    """``input_ids`` and ``attention_mask`` of a patched forward, given by position or keyword."""
+    if len(args) > 2:
+        raise TypeError("forward: with the fused head, pass only input_ids and attention_mask "
+                        f"by position (got {len(args)} positional arguments); the rest by keyword")
+    input_ids = kwargs.pop("input_ids", args[0] if args else None)
+    attention_mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
+    return input_ids, attention_mask
+
+
 @dataclass
 class TokenLogprobsOutput:
     """What a patched model returns with ``token_logprobs=True``: ``logprobs`` ``[B, T-1]`` (or
@@ -233,8 +243,7 @@ def patch_model(model):
                 backend="auto", head_loss=None, **kwargs):
         if not token_logprobs:
             return original_forward(*args, **kwargs)
-        input_ids = kwargs.pop("input_ids", args[0] if args else None)
-        attention_mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
+        input_ids, attention_mask = positional_ids_and_mask(args, kwargs)
         logits_to_keep = kwargs.pop("logits_to_keep", None)
         logits_to_keep = None if logits_to_keep in (0, None) else logits_to_keep
         _check_ids(input_ids, attention_mask, logits_to_keep)

@@ -27,7 +27,7 @@ from trl.trainer.utils import (FusedCausalLMOutput, split_pixel_values_by_grid, 
                                unsplit_pixel_values_by_grid)
 
 from .. import gift_loss, linear_logprobs
-from .hf import _check_ids, _last_hidden, lm_head_of
+from .hf import _check_ids, _last_hidden, lm_head_of, positional_ids_and_mask
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _VOCAB_CHUNK = 8192   # vocabulary rows per step of the (no-grad) mean-logit pass under softcapping
@@ -113,8 +113,7 @@ def add_gift_fast_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
                 if value is not None:
                     kwargs[name] = value
             return previous_forward(*args, **kwargs)
-        input_ids = kwargs.pop("input_ids", args[0] if args else None)
-        attention_mask = kwargs.pop("attention_mask", None)
+        input_ids, attention_mask = positional_ids_and_mask(args, kwargs)
         logits_to_keep = kwargs.pop("logits_to_keep", None) or None
         _check_ids(input_ids, attention_mask, logits_to_keep)
         # Unshifted labels: labels[:, 1:] are the next tokens; pre-shifted: scored as given
