@@ -5,6 +5,7 @@ the README's table is tested here: values and gradients, left/right padding, tem
 logits_to_keep, entropy, the patched forward, and the error for an unknown head.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -208,3 +209,40 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="logits_to_keep"):
         token_logprobs(model, torch.randint(0, V, (2, 5)), logits_to_keep=5)
     assert lm_head_of(model).softcap is None
+
+
+def test_patched_forward_under_fsdp2_single_process():
+    """patch_model's forward runs the fused head inside the root module's forward, where FSDP2
+    has unsharded the lm_head weight; values and gradients equal the unwrapped model's."""
+    dist = pytest.importorskip("torch.distributed")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(**_COMMON)
+        model = transformers.LlamaForCausalLM(cfg)
+        plain = transformers.LlamaForCausalLM(cfg)
+        plain.load_state_dict(model.state_dict())
+        patch_model(model)
+        for layer in model.model.layers:
+            fsdp.fully_shard(layer)
+        fsdp.fully_shard(model)
+        ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # FSDP2 notes that the outputs are views
+            out = model(ids, token_logprobs=True, return_entropy=True)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+        logp, ent = token_logprobs(plain, ids, return_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+        torch.testing.assert_close(out.logprobs, logp)
+        grad = model.lm_head.weight.grad
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        torch.testing.assert_close(grad, plain.lm_head.weight.grad)
+    finally:
+        dist.destroy_process_group()
