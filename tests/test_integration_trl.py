@@ -256,6 +256,13 @@ def test_fused_head_output_fields_and_errors(tokenizer):
             assert torch.equal(a, b), name
         else:
             torch.testing.assert_close(a.double(), b.double(), atol=1e-6, rtol=1e-6, msg=name)
+    # pre-shifted labels (context / sequence parallel): scored as given, every position
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    a = model(input_ids=ids, shift_labels=shifted, fused_lm_head=True)
+    b = ref(input_ids=ids, shift_labels=shifted, fused_lm_head=True)
+    assert a.log_probs.shape == ids.shape
+    torch.testing.assert_close(a.log_probs.double(), b.log_probs.double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.log_probs[:, :-1], ours.log_probs)
     # generation path untouched
     torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     with pytest.raises(ValueError, match="outputs"):
