@@ -32,8 +32,9 @@ class CausalLMHead:
     logit_scale: float = 1.0
 
     def fold(self, hidden: torch.Tensor):
-        """``(hidden, weight, bias)`` with ``logit_scale`` folded into hidden and bias (the head is
-        linear, so scaling the ``[N, H]`` input is exact and avoids copying the ``[V, H]`` weight)."""
+        """``(hidden, weight, bias)`` with ``logit_scale`` folded into hidden and bias (the head
+        is linear, so scaling the ``[N, H]`` input is exact and avoids copying the ``[V, H]``
+        weight)."""
         weight, bias = self.weight, self.bias
         if _is_dtensor(weight):   # FSDP2 outside the root forward: gather once, like any head call
             weight = weight.full_tensor()
@@ -95,12 +96,14 @@ def supported_model_types() -> list[str]:
 def _text_config(model):
     cfg = getattr(model, "config", None)
     if cfg is None:
-        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def lm_head_of(model) -> CausalLMHead:
-    """The head of ``model`` as a :class:`CausalLMHead`; ``ValueError`` for an unknown architecture."""
+    """The head of ``model`` as a :class:`CausalLMHead`; ``ValueError`` for an unknown
+    architecture."""
     cfg = _text_config(model)
     model_type = getattr(cfg, "model_type", None)
     if model_type not in _HEADS:
@@ -114,7 +117,8 @@ def lm_head_of(model) -> CausalLMHead:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"model: expected get_output_embeddings() to hold a [V, H] weight, got "
                          f"{type(head).__name__}")
-    return CausalLMHead(weight=weight, bias=getattr(head, "bias", None), **_HEADS[model_type](model, cfg))
+    return CausalLMHead(weight=weight, bias=getattr(head, "bias", None),
+                        **_HEADS[model_type](model, cfg))
 
 
 def _body(model):
@@ -134,7 +138,8 @@ def next_token_targets(input_ids: torch.Tensor, attention_mask: Optional[torch.T
 
 
 def _check_ids(input_ids, attention_mask, logits_to_keep):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+            or input_ids.is_floating_point()):
         raise ValueError(f"input_ids: expected an integer [B, T] tensor, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if input_ids.shape[1] < 2:
@@ -145,8 +150,8 @@ def _check_ids(input_ids, attention_mask, logits_to_keep):
                          f"{tuple(attention_mask.shape)}")
     if logits_to_keep is not None and not (isinstance(logits_to_keep, int)
                                            and 1 <= logits_to_keep <= input_ids.shape[1] - 1):
-        raise ValueError(f"logits_to_keep: expected an int in [1, {input_ids.shape[1] - 1}] or None, "
-                         f"got {logits_to_keep!r}")
+        raise ValueError(f"logits_to_keep: expected an int in [1, {input_ids.shape[1] - 1}] or "
+                         f"None, got {logits_to_keep!r}")
 
 
 def _last_hidden(model, input_ids, attention_mask, model_kwargs):

@@ -154,6 +154,7 @@ def add_gift_fast_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
 
 
 def _policy(model):
+    """The model TRL patched: the base model under PEFT (as TRL does), else the model."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -207,7 +208,7 @@ class GIFTConfig(GRPOConfig):
     beta: float = field(default=1.0, metadata={"help": "GIFT beta (implicit-reward scale)."})
     epsilon: float = field(default=1e-6, metadata={"help": "GIFT eps added to group stds."})
     anchor: str = field(default="old", metadata={
-        "help": "'old': rollout-policy log-probs (the authors' default); 'ref': the reference model."})
+        "help": "'old': rollout-policy log-probs (the authors' default); 'ref': reference model."})
     detach_stats: bool = field(default=True, metadata={"help": "Detach the group mean/std of s."})
     std: str = field(default="unbiased", metadata={"help": "'unbiased' or 'biased' group std."})
     length_norm: float = field(default=0.0, metadata={"help": "s_i / |y_i|^p (0: sum, 1: mean)."})
@@ -301,7 +302,8 @@ class GIFTTrainer(GRPOTrainer):
         keep = completion_ids.size(1)
         labels = torch.cat([torch.full_like(prompt_ids, -100),
                             completion_ids.masked_fill(mask == 0, -100)], dim=1)
-        anchor = inputs.get("ref_per_token_logps" if args.anchor == "ref" else "old_per_token_logps")
+        anchor = inputs.get("ref_per_token_logps" if args.anchor == "ref"
+                            else "old_per_token_logps")
         rewards = inputs["gift_rewards"]
         group = self.num_generations if mode == "train" else self.num_generations_eval
 
