@@ -310,3 +310,20 @@ def test_loss_step_peak_memory_lower_at_large_vocab(tokenizer, tmp_path):
     print("loss-step peak MiB:", mib)
     assert fused_peak < 0.8 * trl_peak, mib
     assert gift_peak < 0.8 * trl_peak, mib
+
+
+def test_gift_trainer_with_reference_anchor(tokenizer, tmp_path):
+    """anchor='ref': TRL builds the reference model (from the saved policy) and its log-probs
+    anchor the implicit reward; after one update the policy has moved, so z is non-zero."""
+    path = str(tmp_path / "policy")
+    tiny_qwen2(tokenizer, seed=15).save_pretrained(path)
+    model = Qwen2ForCausalLM.from_pretrained(path)
+    args = grpo_args(tmp_path, GIFTConfig, anchor="ref", beta=0.5, max_steps=2,
+                     learning_rate=3e-3)
+    trainer = GIFTTrainer(model=model, reward_funcs=digit_reward, args=args,
+                          train_dataset=prompts(8), processing_class=tokenizer)
+    assert trainer.ref_model is not None and args.beta == 0.5
+    trainer.train()
+    logs = [l for l in trainer.state.log_history if "loss" in l]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(float(l["loss"]))) for l in logs)
+    assert float(logs[1]["gift/z_abs_mean"]) > 0.0   # policy moved away from the reference
