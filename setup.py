@@ -17,9 +17,11 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "liger-kernel>=0.8", "transformers>=4.45", "tokenizers",
-                 "tqdm", "matplotlib", "pytest-benchmark"],
+                 "tqdm", "matplotlib", "pytest-benchmark", "trl>=1.16,<2", "datasets"],
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel>=0.8", "cut-cross-entropy"],
         "train": ["transformers>=4.45", "tokenizers", "tqdm", "matplotlib"],
+        "hf": ["transformers>=5.0,<6"],
+        "trl": ["trl>=1.16,<2", "transformers>=5.0,<6"],
         # GIFT in verl (gift_fast.integrations.verl); written against verl 0.9.1's API
         "verl": ["verl>=0.9.1,<0.10", "transformers>=4.45"],
     },
