@@ -311,7 +311,7 @@ def _ratio_bars(doc: dict, out_dir: Path, plt) -> Path:
 
 
 def summary_text(doc: dict) -> str:
-    """A short table for the end of a log (the device tool returns the output's tail)."""
+    """A short table for the end of a log: per case and method the fwd+bwd ratio, then the goals."""
     perf = doc["is_performance_result"]
     lines = [f"== {doc['label']} on {doc['env']['device']} (sweep {doc.get('sweep_seconds', 0):.0f} s)"]
     for case in doc["cases"]:
