@@ -453,6 +453,9 @@ def parse_args(argv=None):
                    help="CPU threads (default: 1 in --smoke, every core in --cpu)")
     p.add_argument("--repeats", type=int, default=2,
                    help="--cpu: timed round-robin repeats per method, after one warm-up call")
+    p.add_argument("--cases", default=None,
+                   help="comma list of fnmatch patterns over case ids (layout/inputs/NxxHxxVxx): "
+                        "run only the matching cases of the plan")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     return p.parse_args(argv)
 
@@ -504,6 +507,11 @@ def main(argv=None) -> dict:
         repeats = ({"min": 2, "max": 5, "max_big": 3, "target_ms": 50.0} if cpu else
                    {"min": 3, "max": 20, "max_big": 5, "target_ms": 300.0})
         audit_shape = Shape.parse(args.audit_shape or ("32x16x128" if cpu else "1024x512x8192"))
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",")]
+        plan = [c for c in plan if any(fnmatch.fnmatchcase(c.case_id, w) for w in wanted)]
+        if not plan:
+            raise SystemExit(f"--cases: no case of the {mode} plan matches {wanted}")
     # Without --out, results go to bench/results/local/ (git-ignored); a result set meant to be
     # committed is named for its machine and date: bench/results/<machine>-<YYYYMMDD>/.
     out_dir = Path(args.out or f"bench/results/local/{mode}")
