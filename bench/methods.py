@@ -44,6 +44,8 @@ class Context:
     """Where and how the suite runs (set once by run_suite)."""
     device: torch.device
     smoke: bool = False          # CPU smoke mode: no torch.compile (compile time is not seconds)
+    dtype: torch.dtype = torch.bfloat16   # of hidden and weight (the --cpu mode uses float32)
+    interleave_repeats: int = 0  # > 0: CPU mode, repeats of all methods of a case round-robin
 
     @property
     def cuda(self) -> bool:
@@ -136,12 +138,30 @@ def _engine_compile(inp: Inputs, ctx: Context):
     return lambda: _masked(fn(inp.hidden2d, inp.weight, inp.targets1d), inp)
 
 
-def _engine_torch_lce(chunking: str):
+def _lce_options(chunking: Optional[str]):
+    """None: PyTorch's reference path (materialised logits); else its chunked implementation."""
+    if chunking is None:
+        return None
+    return torch.nn.LinearCrossEntropyOptions(chunking_method=chunking)
+
+
+def _engine_torch_lce(chunking: Optional[str]):
     def make(inp: Inputs, ctx: Context):
-        opts = torch.nn.LinearCrossEntropyOptions(chunking_method=chunking)
+        opts = _lce_options(chunking)
         return lambda: _masked(-F.linear_cross_entropy(
             inp.hidden2d, inp.weight, inp.targets1d, reduction="none",
             ignore_index=IGNORE_INDEX, options=opts), inp)
+    return make
+
+
+def _torch_lce_mean(chunking: Optional[str]):
+    """The SFT objective in one call: F.linear_cross_entropy with reduction="mean" (the chunked
+    path computes the gradients inside the forward for the scalar reductions)."""
+    def make(inp: Inputs, ctx: Context):
+        opts = _lce_options(chunking)
+        return lambda: F.linear_cross_entropy(inp.hidden2d, inp.weight, inp.targets1d,
+                                              reduction="mean", ignore_index=IGNORE_INDEX,
+                                              options=opts)
     return make
 
 
@@ -241,6 +261,9 @@ ENGINES = {
                   "F.linear_cross_entropy reduction=none, chunking_method=auto"),
     "torch_lce_ar1": (_engine_torch_lce("aspect_ratio:1"), ("torch_lce",), True, 1.0,
                       "F.linear_cross_entropy reduction=none, chunking_method=aspect_ratio:1"),
+    "torch_lce_unchunked": (_engine_torch_lce(None), ("torch_lce",), True, 12.0,
+                            "F.linear_cross_entropy reduction=none, options=None (reference "
+                            "path, materialised logits)"),
     "liger_flce": (_engine_liger_flce, ("cuda", "liger_kernel"), True, 0.5,
                    "Liger LigerFusedLinearCrossEntropyLoss reduction=none"),
     "cce": (_engine_cce, ("cuda", "cut_cross_entropy"), True, 0.5,
@@ -259,6 +282,10 @@ FUSED = [
     Method("gift_fast.dpo_loss", "dpo", _gift_fast_loss("dpo_loss"), ("gift_fast.losses",)),
     Method("gift_fast.fdiv_sft_loss", "sft", _gift_fast_loss("fdiv_sft_loss"),
            ("gift_fast.losses",)),
+    Method("torch_lce.sft", "sft", _torch_lce_mean("auto"), ("torch_lce",), peer=True,
+           mem_factor=1.0, note="F.linear_cross_entropy reduction=mean, chunking_method=auto"),
+    Method("torch_lce_unchunked.sft", "sft", _torch_lce_mean(None), ("torch_lce",), peer=True,
+           mem_factor=12.0, note="F.linear_cross_entropy reduction=mean, options=None"),
     Method("liger.grpo", "grpo", _liger_grpo, ("liger_kernel",), peer=True, mem_factor=0.5,
            note="Liger LigerFusedLinearGRPOLoss (chunk = 1 sequence; compiled on CUDA only)"),
     Method("liger.dpo", "dpo", _liger_dpo, ("liger_kernel",), peer=True, mem_factor=0.5,

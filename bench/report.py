@@ -1,8 +1,11 @@
 """Outputs of a suite run: ``results.json`` (everything), ``results.md`` (tables), and two PNGs
 (``time_vs_n.png``, ``mem_vs_n.png``: fwd+bwd time and peak memory against N per method).
 
-CPU runs are smoke tests, not performance results: the markdown then shows ratios only, under the
-label "CPU smoke (not a performance result)", and the JSON says ``is_performance_result: false``.
+The CPU smoke mode is a test, not a performance result: the markdown then shows ratios only, under
+the label "CPU smoke (not a performance result)", and the JSON says ``is_performance_result:
+false``. The ``--cpu`` mode is a CPU measurement (label ``CPU_MEASURED_LABEL``): times are the
+minimum of round-robin repeats, every ratio is to the bare CPU GEMM of the same run, and the
+machine (CPU model, cores, threads) is named; it says nothing about GPU speed.
 """
 from __future__ import annotations
 
@@ -18,6 +21,18 @@ import torch
 
 SCHEMA = "gift_fast.bench/1"
 CPU_LABEL = "CPU smoke (not a performance result)"
+CPU_MEASURED_LABEL = "CPU measurement (not a GPU result)"
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or None
 
 
 def _version(module: str) -> Optional[str]:
@@ -51,7 +66,10 @@ def environment(device: torch.device) -> dict:
     commit = os.environ.get("GIFT_FAST_COMMIT") or _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if cuda else
+                   f"CPU {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
         "device_type": device.type,
         "driver": _driver() if cuda else None,
         "cuda": torch.version.cuda,
@@ -68,17 +86,27 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def new_document(mode: str, device: torch.device, budget: float, repeats: dict) -> dict:
-    perf = device.type == "cuda"
+def new_document(mode: str, device: torch.device, budget: float, repeats: dict,
+                 dtype: torch.dtype = torch.bfloat16) -> dict:
+    gpu = device.type == "cuda"
+    cpu_measured = mode == "cpu" and not gpu
+    perf = gpu or cpu_measured
+    if gpu:
+        label, timing = f"{mode} on GPU", "CUDA events, median after warm-up"
+    elif cpu_measured:
+        label = CPU_MEASURED_LABEL
+        timing = ("time.perf_counter, minimum of round-robin repeats after one warm-up call "
+                  "(process CPU time kept too)")
+    else:
+        label, timing = CPU_LABEL, "time.perf_counter, median after warm-up (CPU smoke)"
     return {"schema": SCHEMA, "mode": mode,
-            "label": f"{mode} on GPU" if perf else CPU_LABEL,
+            "label": label,
             "is_performance_result": perf,
             "env": environment(device),
-            "config": {"dtype": "bfloat16", "time_budget_s": budget, "repeats": repeats,
-                       "timing": ("CUDA events, median after warm-up" if perf else
-                                  "time.perf_counter, median after warm-up (CPU smoke)"),
+            "config": {"dtype": str(dtype).replace("torch.", ""), "time_budget_s": budget,
+                       "repeats": repeats, "timing": timing,
                        "memory": ("peak incremental: max_memory_allocated - allocated before"
-                                  if perf else "CPU resident-set high-water rise (approximate)")},
+                                  if gpu else "CPU resident-set high-water rise (approximate)")},
             "cases": [], "audit": None, "comparisons": [], "goals": []}
 
 
@@ -117,18 +145,24 @@ def markdown(doc: dict) -> str:
     if not perf:
         lines += [f"**{CPU_LABEL}.** Tiny shapes on CPU check that the suite runs; only ratios "
                   "are shown, and they say nothing about GPU performance.", ""]
+    elif env.get("device_type") == "cpu":
+        lines += [f"**{CPU_MEASURED_LABEL}.** Every method ran in one process on the same "
+                  "tensors, repeats round-robin; ms = the minimum wall time over the repeats, "
+                  "×GEMM = that time / the bare CPU GEMM's. It says nothing about GPU speed.", ""]
     lines += [f"Device: {env['device']} · driver {env['driver']} · CUDA {env['cuda']} · torch "
               f"{env['torch']} · triton {env['triton']} · liger-kernel {env['liger_kernel']} · "
               f"cut-cross-entropy {env['cut_cross_entropy']} · commit "
               f"{(env['commit'] or '?')[:12]}{' (dirty)' if env['tree_dirty'] else ''} · "
-              f"{env['date']}", "",
+              f"{env['date']}" + (f" · load average {env['load_average_start'][0]:.1f} at start, "
+                                  f"{env.get('load_average_end', [float('nan')])[0]:.1f} at end"
+                                  if env.get("load_average_start") else ""), "",
               f"Timing: {doc['config']['timing']}. Memory: {doc['config']['memory']}. dtype "
-              f"bfloat16. ×GEMM = time / the bare lm_head GEMM of the same kind (fwd: 1 GEMM; "
+              f"{doc['config'].get('dtype', 'bfloat16')}. ×GEMM = time / the bare lm_head GEMM of the same kind (fwd: 1 GEMM; "
               f"fwd+bwd: logits, dX, dW = 3 GEMMs).", ""]
     if doc.get("goals"):
         lines += ["## Goals", "", "| goal | value | target | met |", "|---|---|---|---|"]
         for g in doc["goals"]:
-            met = "n/a (CPU)" if not perf else {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+            met = {True: "yes", False: "**no**"}.get(g["met"]) or g.get("reason") or "not measured"
             lines.append(f"| {g['goal']} | {_f(g['value'], '{:.3f}')} | {g['target']} | {met} |")
         lines.append("")
     for case in doc["cases"]:
@@ -148,6 +182,11 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def doc_is_cpu(case: dict) -> bool:
+    """True for cases timed in the --cpu mode (minimum of round-robin repeats)."""
+    return any(r.get("time_statistic") == "min" for r in case["results"])
+
+
 def _case_table(case: dict, perf: bool, comps: List[dict]) -> List[str]:
     lay = case.get("layout", {})
     ent = case.get("mean_entropy")
@@ -161,9 +200,15 @@ def _case_table(case: dict, perf: bool, comps: List[dict]) -> List[str]:
     rows = {}
     for r in case["results"]:
         rows.setdefault(r["method"], {})[r["kind"]] = r
-    if perf:
-        cols = ["method", "fwd ms", "fwd ×GEMM", "fwd+bwd ms", "fwd+bwd ×GEMM", "peak MiB (fwd+bwd)",
-                "gift_fast speed-up", "gift_fast mem ratio", "status"]
+    cpu = perf and doc_is_cpu(case)
+    if cpu:
+        gemm = next((r for r in case["results"] if r["method"] == "gemm" and r["status"] == "ok"
+                     and r.get("cpu_min_ms")), None)
+        cols = ["method", "fwd+bwd min ms", "×GEMM", "median ms", "×GEMM (process CPU time)",
+                "peak MiB", "gift_fast speed-up", "status"]
+    elif perf:
+        cols = ["method", "fwd ms", "fwd ×GEMM", "fwd+bwd ms", "fwd+bwd ×GEMM",
+                "peak MiB (fwd+bwd)", "gift_fast speed-up", "gift_fast mem ratio", "status"]
     else:
         cols = ["method", "fwd ×GEMM", "fwd+bwd ×GEMM", "mem ×GEMM (fwd+bwd)",
                 "gift_fast speed-up", "status"]
@@ -173,7 +218,13 @@ def _case_table(case: dict, perf: bool, comps: List[dict]) -> List[str]:
         sp = speed.get((name, "fwd+bwd")) or speed.get((name, "fwd"))
         statuses = sorted({x["status"] for x in (f, fb) if x})
         status = "; ".join(s for s in statuses if s != "ok") or "ok"
-        if perf:
+        if cpu:
+            cpu_ratio = (fb["cpu_min_ms"] / gemm["cpu_min_ms"]
+                         if gemm and fb.get("cpu_min_ms") else None)
+            cells = [name, _f(fb.get("median_ms"), "{:.0f}"), _f(fb.get("ratio_to_gemm")),
+                     _f(fb.get("median_of_repeats_ms"), "{:.0f}"), _f(cpu_ratio),
+                     _mib(fb.get("peak_mem_bytes")), _f(sp and sp["speedup"]), status]
+        elif perf:
             cells = [name, _f(f.get("median_ms")), _f(f.get("ratio_to_gemm")),
                      _f(fb.get("median_ms")), _f(fb.get("ratio_to_gemm")),
                      _mib(fb.get("peak_mem_bytes")),
@@ -202,7 +253,7 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
                 continue
             groups.setdefault(key, {}).setdefault(r["method"], []).append(
                 (s["n"], r["median_ms"], r["peak_mem_bytes"]))
-    paths = []
+    paths = [_ratio_bars(doc, out_dir, plt)]
     suffix = "" if doc["is_performance_result"] else f" — {CPU_LABEL}"
     for fname, idx, ylabel in (("time_vs_n.png", 1, "median ms (fwd+bwd)"),
                                ("mem_vs_n.png", 2, "peak incremental MiB (fwd+bwd)")):
@@ -240,8 +291,38 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
     return paths
 
 
+def _ratio_bars(doc: dict, out_dir: Path, plt) -> Path:
+    """ratios.png: fwd+bwd time / the bare GEMM's, one panel per case (what a sweep over one N
+    cannot show on the time-vs-N plot)."""
+    cases = [c for c in doc["cases"] if any(r["kind"] == "fwd+bwd" and r.get("ratio_to_gemm")
+                                            for r in c["results"])]
+    fig, axes = plt.subplots(max(1, len(cases)), 1, figsize=(8, 0.4 + 2.9 * max(1, len(cases))),
+                             squeeze=False)
+    for ax, case in zip(axes.flat, cases):
+        rows = [r for r in case["results"] if r["kind"] == "fwd+bwd" and r.get("ratio_to_gemm")]
+        names = [r["method"] for r in rows]
+        vals = [r["ratio_to_gemm"] for r in rows]
+        colors = ["tab:blue" if n.startswith(("gift_fast", "gemm")) else "tab:gray" for n in names]
+        ax.barh(range(len(rows)), vals, color=colors)
+        ax.set_yticks(range(len(rows)), names, fontsize=7)
+        ax.invert_yaxis()
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.5)
+        ax.set_title(case["id"], fontsize=9)
+        ax.set_xlabel("fwd+bwd time / bare GEMM fwd+bwd (same run)", fontsize=8)
+    if not cases:
+        axes[0, 0].text(0.5, 0.5, "no successful runs", ha="center")
+    fig.suptitle(f"gift_fast bench: {doc['env']['device']} — {doc['label']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(out_dir) / "ratios.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def summary_text(doc: dict) -> str:
-    """A short table for the end of a log (the device tool returns the output's tail)."""
+    """A short table for the end of a log: per case and method the fwd+bwd ratio, then the goals."""
     perf = doc["is_performance_result"]
     lines = [f"== {doc['label']} on {doc['env']['device']} (sweep {doc.get('sweep_seconds', 0):.0f} s)"]
     for case in doc["cases"]:
@@ -252,5 +333,7 @@ def summary_text(doc: dict) -> str:
             lines.append(f"{case['id']:38s} {r['method']:28s} {t}x{_f(r.get('ratio_to_gemm'))} "
                          f"{'' if r['status'] == 'ok' else r['status'][:60]}")
     for g in doc.get("goals", []):
-        lines.append(f"GOAL {g['goal'][:70]}: value {_f(g['value'], '{:.3f}')} met {g['met']}")
+        verdict = {True: "met", False: "NOT met"}.get(g["met"]) or g.get("reason") or "not measured"
+        lines.append(f"GOAL {g['goal'][:70]}: value {_f(g['value'], '{:.3f}')} "
+                     f"(target {g['target']}): {verdict}")
     return "\n".join(lines)

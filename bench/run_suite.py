@@ -1,7 +1,8 @@
 """Runs the benchmark suite and writes JSON + markdown + PNG.
 
   python -m bench.run_suite --smoke                      # CPU, seconds; CI runs it
-  python -m bench.run_suite --full --out bench/results/h100   # GPU sweep, about 8 minutes on an H100
+  python -m bench.run_suite --cpu --out bench/results/cpu-<machine>-<date>   # CPU numbers, minutes
+  python -m bench.run_suite --full --out bench/results/<gpu>-<date>   # GPU sweep, ~8 min on an H100
   python -m bench.run_suite --shapes 8192x4096x151936 --layouts dense --methods 'gemm,gift_fast*'
 
 Every method of a case runs in this one process on the same tensors, so every ratio is fair.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gc
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from .inputs import Shape, make_inputs, make_layout
 from .methods import (GIFT_FAST_FOR, KINDS, REGISTRY, Context, make_runner, method_names,
                       unavailable_reason)
 from .status import classify_exception
-from .timing import measure
+from .timing import measure, measure_interleaved_cpu
 
 LAYOUT_OBJECTIVES = {"dense": ("gemm", "logp", "sft"), "rl": ("gemm", "gift", "grpo", "dpo")}
 
@@ -117,6 +119,26 @@ def full_plan(method_patterns=None) -> List[CaseSpec]:
     return plan
 
 
+# CPU mode: the shapes of issue 8 item 5 (a small model's lm_head, two vocabularies), float32.
+CPU_SHAPES = (Shape(2048, 896, 32768), Shape(2048, 896, 151936))
+CPU_DENSE = ["gemm", "naive+logp", "torch_lce_unchunked+logp", "torch_lce+logp", "gift_fast+logp",
+             "torch_lce.sft", "gift_fast.fdiv_sft_loss"]
+CPU_RL = ["gemm", "naive+gift", "gift_fast.gift_loss", "naive+grpo", "liger.grpo",
+          "gift_fast.grpo_loss", "naive+dpo", "liger.dpo", "gift_fast.dpo_loss"]
+CPU_BIG_V = ["gemm", "naive+logp", "torch_lce+logp", "gift_fast+logp"]
+
+
+def cpu_plan(method_patterns=None, shapes=CPU_SHAPES) -> List[CaseSpec]:
+    """fwd+bwd only; every ratio is to the bare GEMM timed round-robin with the others.
+    ``shapes``: (the shape of the dense and RL cases, the large-vocabulary shape)."""
+    allowed = set(method_names(method_patterns))
+    pick = lambda names: [n for n in names if n in allowed]  # noqa: E731
+    small, big = shapes
+    return [CaseSpec(small, "dense", "random", pick(CPU_DENSE), kinds=("fwd+bwd",)),
+            CaseSpec(small, "rl-g8", "random", pick(CPU_RL), kinds=("fwd+bwd",)),
+            CaseSpec(big, "dense", "random", pick(CPU_BIG_V), kinds=("fwd+bwd",))]
+
+
 def custom_plan(shapes, layouts, inputs, method_patterns, kinds) -> List[CaseSpec]:
     names = method_names(method_patterns)
     return [CaseSpec(s, lay, kind, methods_for(lay, names), kinds)
@@ -139,7 +161,8 @@ def run_case(spec: CaseSpec, ctx: Context, *, deadline: float, repeats: dict, pr
             "inputs": spec.inputs, "results": []}
     try:
         layout = make_layout(spec.layout, shape.n)
-        inp = make_inputs(shape, layout, spec.inputs, device=ctx.device, seed=seed)
+        inp = make_inputs(shape, layout, spec.inputs, device=ctx.device, seed=seed,
+                          dtype=ctx.dtype)
     except Exception as e:  # noqa: BLE001
         status = classify_exception(e, ctx.device)
         case["layout"] = {"name": spec.layout}
@@ -154,6 +177,11 @@ def run_case(spec: CaseSpec, ctx: Context, *, deadline: float, repeats: dict, pr
     case["mean_entropy"] = inp.mean_entropy
     case["status"] = "ok"
     big = shape.n * shape.v >= 8192 * 151936
+    if ctx.interleave_repeats:
+        _run_interleaved(spec, ctx, inp, case, deadline, progress)
+        del inp
+        gc.collect()
+        return case
     for name in spec.methods:
         method = REGISTRY[name]
         for kind in spec.kinds:
@@ -190,6 +218,34 @@ def run_case(spec: CaseSpec, ctx: Context, *, deadline: float, repeats: dict, pr
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     return case
+
+
+def _run_interleaved(spec: CaseSpec, ctx: Context, inp, case: dict, deadline: float,
+                     progress) -> None:
+    """CPU mode: all methods of the case, repeats round-robin, minimum wall time kept."""
+    for kind in spec.kinds:
+        rows, fns = {}, {}
+        for name in spec.methods:
+            rows[name] = _result_row(name, kind, None)
+            status = unavailable_reason(REGISTRY[name], ctx)
+            if status is None and time.perf_counter() > deadline:
+                status = "skipped: time budget of the sweep spent"
+            if status is None:
+                try:
+                    fns[name] = make_runner(REGISTRY[name], inp, kind, ctx)
+                except Exception as e:  # noqa: BLE001
+                    status = classify_exception(e, ctx.device)
+            rows[name]["status"] = status
+        progress.set_postfix_str(f"{spec.case_id} {len(fns)} methods {kind} round-robin")
+        for name, m in measure_interleaved_cpu(fns, ctx.interleave_repeats).items():
+            if isinstance(m, Exception):
+                rows[name]["status"] = classify_exception(m, ctx.device)
+            else:
+                rows[name].update(m.to_json())
+                rows[name]["status"] = "ok"
+        for name in spec.methods:
+            case["results"].append(rows[name])
+            progress.update(1)
 
 
 def _result_row(name: str, kind: str, status: Optional[str]) -> dict:
@@ -239,8 +295,22 @@ def comparisons(cases: List[dict]) -> List[dict]:
     return out
 
 
-def goals(cases: List[dict], is_perf: bool) -> List[dict]:
-    """The three goals of issue 5, evaluated on whatever this run measured."""
+def _not_measured(is_perf: bool, mode: str, device: torch.device, value) -> Optional[str]:
+    """Why a GPU goal has no verdict in this run (None when it has one)."""
+    if device.type != "cuda":
+        return (f"not measured: a GPU goal, and this {mode} run is on {device.type} "
+                "(run bench/gpu_run.sh on a CUDA machine)")
+    if not is_perf:
+        return f"not measured: {mode} mode is not a performance run"
+    if value is None:
+        return "not measured: the cases this goal needs did not run (or failed) in this run"
+    return None
+
+
+def goals(cases: List[dict], is_perf: bool, mode: str = "full",
+          device: torch.device = torch.device("cuda")) -> List[dict]:
+    """The goals of issues 5 and 8, judged on whatever this run measured. A goal that this run
+    cannot judge has ``met: None`` and a ``reason`` saying why."""
     def find(case_id, method, kind):
         for c in cases:
             if c["id"] == case_id:
@@ -249,15 +319,18 @@ def goals(cases: List[dict], is_perf: bool) -> List[dict]:
                         return r
         return None
 
+    def verdict(goal: dict, value, ok) -> dict:
+        reason = _not_measured(is_perf, mode, device, value)
+        goal.update(value=value, met=None if reason else ok, reason=reason)
+        return goal
+
     res = []
     hl = f"dense/random/N{HEADLINE.n}_H{HEADLINE.h}_V{HEADLINE.v}"
     r = find(hl, "gift_fast+logp", "fwd+bwd")
     val = r and r.get("ratio_to_gemm")
-    res.append({"goal": "linear_logprobs dense fwd+bwd <= 1.5x bare GEMM at N=8192 H=4096 V=151936",
-                "case": hl, "value": val, "target": 1.5,
-                "met": (val <= 1.5) if (is_perf and val is not None) else None,
-                "note": None if r else "headline case not in this run"
-                if r is None else None})
+    res.append(verdict({"goal": "linear_logprobs dense fwd+bwd <= 1.5x bare GEMM at N=8192 "
+                                "H=4096 V=151936", "case": hl, "target": 1.5},
+                       val, val is not None and val <= 1.5))
     # gift_loss faster than every peer path (fwd+bwd), per RL case.
     per_case = []
     for c in cases:
@@ -275,10 +348,11 @@ def goals(cases: List[dict], is_perf: bool) -> List[dict]:
         per_case.append({"case": c["id"], "gift_loss_status": "ok", "fastest_peer": best["method"],
                          "speedup_vs_fastest_peer": best["median_ms"] / ours["median_ms"]})
     sp = [p["speedup_vs_fastest_peer"] for p in per_case]
-    met = (all(s is not None and s > 1 for s in sp) if (is_perf and sp) else None)
-    res.append({"goal": "gift_loss faster than every peer path on the same work (fwd+bwd)",
-                "value": min([s for s in sp if s is not None], default=None), "target": 1.0,
-                "met": met, "per_case": per_case})
+    val = min([s for s in sp if s is not None], default=None)
+    goal = verdict({"goal": "gift_loss faster than every peer path on the same work (fwd+bwd)",
+                    "target": 1.0, "per_case": per_case},
+                   val, bool(sp) and all(s is not None and s > 1 for s in sp))
+    res.append(goal)
     # Extra memory flat in V: scratch bytes (peak minus returned loss/dX/dW) of linear_logprobs.
     flat = []
     for c in cases:
@@ -296,12 +370,31 @@ def goals(cases: List[dict], is_perf: bool) -> List[dict]:
             lo, hi = min(rows, key=lambda f: f["v"]), max(rows, key=lambda f: f["v"])
             if lo["scratch_bytes"]:
                 ratio = max(ratio or 0.0, hi["scratch_bytes"] / lo["scratch_bytes"])
-    res.append({"goal": "extra memory of linear_logprobs fwd+bwd flat in V (scratch ratio across "
-                        "V=128256..151936 at H=4096, same N, <= 1.1)",
-                "value": ratio, "target": 1.1,
-                "met": (ratio <= 1.1) if (is_perf and ratio is not None) else None,
-                "points": flat})
+    res.append(verdict({"goal": "extra memory of linear_logprobs fwd+bwd flat in V (scratch "
+                                "ratio across V=128256..151936 at H=4096, same N, <= 1.1)",
+                        "target": 1.1, "points": flat}, ratio, ratio is not None and ratio <= 1.1))
+    if mode == "cpu":
+        res += cpu_goals(cases)
     return res
+
+
+def cpu_goals(cases: List[dict]) -> List[dict]:
+    """Issue 8 item 5: the torch backend within 1.4x of the bare CPU GEMM fwd+bwd, per shape."""
+    out = []
+    shapes = [Shape(c["shape"]["n"], c["shape"]["h"], c["shape"]["v"]) for c in cases
+              if c["id"].startswith("dense/random/")] or list(CPU_SHAPES)
+    for shape in shapes:
+        cid = f"dense/random/N{shape.n}_H{shape.h}_V{shape.v}"
+        r = next((x for c in cases if c["id"] == cid for x in c["results"]
+                  if x["method"] == "gift_fast+logp" and x["kind"] == "fwd+bwd"), None)
+        val = r.get("ratio_to_gemm") if r else None
+        out.append({"goal": f"torch backend (CPU) fwd+bwd <= 1.4x the bare CPU GEMM fwd+bwd at "
+                            f"N={shape.n} H={shape.h} V={shape.v}, float32",
+                    "case": cid, "target": 1.4, "value": val,
+                    "met": None if val is None else val <= 1.4,
+                    "reason": None if val is not None else
+                    f"not measured: {'case not in this run' if r is None else r['status']}"})
+    return out
 
 
 # ------------------------------------------------------------------------------------ main
@@ -340,6 +433,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="CPU smoke run, seconds (CI)")
+    mode.add_argument("--cpu", action="store_true",
+                      help="CPU numbers: float32 fwd+bwd at N=2048 H=896, V=32768 and 151936, "
+                           "repeats round-robin, minimum kept (minutes on 2 cores)")
     mode.add_argument("--full", action="store_true", help="the GPU sweep (about 8 min on an H100)")
     p.add_argument("--shapes", help="comma list of NxHxV, e.g. 8192x4096x151936")
     p.add_argument("--layouts", default="dense,rl-g8", help="comma list: dense, rl-g8, rl-g16")
@@ -347,11 +443,19 @@ def parse_args(argv=None):
     p.add_argument("--methods", help="comma list of method names or fnmatch patterns")
     p.add_argument("--kinds", default="fwd,fwd+bwd", help="comma list: fwd, fwd+bwd")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<mode>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default bench/results/local/<mode>, git-ignored)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the timed sweep; later runs are reported as skipped")
     p.add_argument("--no-audit", action="store_true", help="skip the float64 error audit")
     p.add_argument("--audit-shape", default=None, help="NxHxV of the audit (small)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 in --smoke, every core in --cpu)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="--cpu: timed round-robin repeats per method, after one warm-up call")
+    p.add_argument("--cases", default=None,
+                   help="comma list of fnmatch patterns over case ids (layout/inputs/NxxHxxVxx): "
+                        "run only the matching cases of the plan")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     return p.parse_args(argv)
 
@@ -363,14 +467,25 @@ def main(argv=None) -> dict:
             print(f"{name:32s} {m.objective:5s} requires={','.join(m.requires) or '-':28s} {m.note}")
         return {}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.smoke:
+    if args.smoke or args.cpu:
         device = torch.device(args.device or "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(1)   # shared CPUs: thread spinning dominates tiny shapes otherwise
+        # Smoke: 1 thread (thread spinning dominates tiny shapes on shared CPUs); --cpu: all cores.
+        torch.set_num_threads(args.threads or (os.cpu_count() if args.cpu else 1))
     ctx = Context(device=device, smoke=args.smoke)
     patterns = [p.strip() for p in args.methods.split(",")] if args.methods else None
 
-    if args.smoke:
+    if args.cpu:
+        shapes = [Shape.parse(x) for x in args.shapes.split(",")] if args.shapes else CPU_SHAPES
+        if len(shapes) != 2:
+            raise SystemExit("--cpu --shapes: expected two shapes (small V, large V)")
+        mode, plan = "cpu", cpu_plan(patterns, shapes)
+        ctx.dtype = torch.float32
+        ctx.interleave_repeats = max(1, args.repeats)
+        budget = args.time_budget or 1e9
+        repeats = {"interleaved": ctx.interleave_repeats, "statistic": "min of round-robin repeats"}
+        audit_shape = Shape.parse(args.audit_shape or "32x16x128")
+    elif args.smoke:
         mode, plan = "smoke", smoke_plan(patterns)
         budget = args.time_budget or 60.0
         repeats = {"min": 2, "max": 3, "max_big": 3, "target_ms": 5.0}
@@ -382,7 +497,7 @@ def main(argv=None) -> dict:
         audit_shape = Shape.parse(args.audit_shape or "1024x512x8192")
     else:
         if not args.shapes:
-            raise SystemExit("give --smoke, --full, or --shapes")
+            raise SystemExit("give --smoke, --cpu, --full, or --shapes")
         mode = "custom"
         shapes = [Shape.parse(s) for s in args.shapes.split(",")]
         plan = custom_plan(shapes, args.layouts.split(","), args.inputs.split(","), patterns,
@@ -392,10 +507,19 @@ def main(argv=None) -> dict:
         repeats = ({"min": 2, "max": 5, "max_big": 3, "target_ms": 50.0} if cpu else
                    {"min": 3, "max": 20, "max_big": 5, "target_ms": 300.0})
         audit_shape = Shape.parse(args.audit_shape or ("32x16x128" if cpu else "1024x512x8192"))
-    out_dir = Path(args.out or f"bench/results/{mode}")
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",")]
+        plan = [c for c in plan if any(fnmatch.fnmatchcase(c.case_id, w) for w in wanted)]
+        if not plan:
+            raise SystemExit(f"--cases: no case of the {mode} plan matches {wanted}")
+    # Without --out, results go to bench/results/local/ (git-ignored); a result set meant to be
+    # committed is named for its machine and date: bench/results/<machine>-<YYYYMMDD>/.
+    out_dir = Path(args.out or f"bench/results/local/{mode}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    doc = report.new_document(mode, device, budget, repeats)
+    doc = report.new_document(mode, device, budget, repeats, dtype=ctx.dtype)
+    if hasattr(os, "getloadavg"):
+        doc["env"]["load_average_start"] = list(os.getloadavg())
     total = sum(len(c.methods) * len(c.kinds) for c in plan)
     print(f"[bench] {doc['label']}: {len(plan)} cases, {total} runs on {doc['env']['device']}; "
           f"budget {budget:.0f} s -> {out_dir}", file=sys.stderr, flush=True)
@@ -414,10 +538,12 @@ def main(argv=None) -> dict:
         names = [n for n in method_names(patterns) if n != "gemm"]
         names = [n for n in names if n in {m for c in plan for m in c.methods}]
         doc["audit"] = run_audit(audit_shape, names, ctx,
-                                 kinds=("random",) if args.smoke else ("random", "peaked"))
+                                 kinds=("random",) if (args.smoke or args.cpu) else ("random", "peaked"))
     doc["comparisons"] = comparisons(doc["cases"])
-    doc["goals"] = goals(doc["cases"], doc["is_performance_result"])
+    doc["goals"] = goals(doc["cases"], doc["is_performance_result"], mode, device)
     doc["total_seconds"] = time.perf_counter() - t_start
+    if hasattr(os, "getloadavg"):        # other processes on the machine during the run
+        doc["env"]["load_average_end"] = list(os.getloadavg())
     paths = report.write_all(doc, out_dir)
     print(report.summary_text(doc), flush=True)
     print(f"[bench] wrote {', '.join(str(p) for p in paths)}", file=sys.stderr, flush=True)

@@ -153,7 +153,7 @@ def _summary_line(loss: str, s: dict) -> str:
             f"{s['window']} {s['reward_last']:.3f}; held-out greedy accuracy "
             f"{s.get('heldout_accuracy_start', float('nan')):.3f} -> "
             f"{s.get('heldout_accuracy_end', float('nan')):.3f}; "
-            f"wall time {s.get('wall_s_this_session', s['train_s']):.0f} s")
+            f"wall time {s.get('wall_s_this_process', s['train_s']):.0f} s")
 
 
 if __name__ == "__main__":

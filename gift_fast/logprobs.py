@@ -76,12 +76,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         logp, entropy, argmax = reference_linear_logprobs(h2, weight, t1, bias, temperature,
                                                           softcap, ignore_index, reference_dtype)
     elif which == "torch" and not needs_grad:   # inference: nothing is saved for backward
-        logp, _, entropy, argmax = chunked_forward(h2, weight, bias, t1, temperature, softcap,
-                                                   ignore_index, return_entropy)
+        logp, _, entropy, argmax, _, _ = chunked_forward(h2, weight, bias, t1, temperature,
+                                                         softcap, ignore_index, return_entropy,
+                                                         return_argmax)
     elif which == "torch":
         logp, entropy, argmax = ChunkedLinearLogprobs.apply(
             h2, weight, bias, t1, float(temperature), softcap, ignore_index, return_entropy,
-            CHUNK_ELEMENTS)
+            CHUNK_ELEMENTS, return_argmax)
     else:
         from .backends.triton_op import TritonLinearLogprobs, triton_forward
         if needs_grad:

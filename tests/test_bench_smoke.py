@@ -23,7 +23,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_json_markdown_and_plots(smoke):
     out, doc = smoke
-    for name in ("results.json", "results.md", "time_vs_n.png", "mem_vs_n.png"):
+    for name in ("results.json", "results.md", "ratios.png", "time_vs_n.png", "mem_vs_n.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "time_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     on_disk = json.loads((out / "results.json").read_text())
@@ -63,6 +63,8 @@ def test_smoke_schema(smoke):
     naive = audit[("naive+logp", "dense")]
     assert naive["status"] == "ok" and naive["rel_err_loss"] < 2e-2 and naive["rel_err_dw"] < 2e-2
     assert len(doc["goals"]) == 3 and all(g["met"] is None for g in doc["goals"])
+    # A goal without a verdict says what was not measured and why (issue 9).
+    assert all(g["reason"].startswith("not measured: ") for g in doc["goals"])
 
 
 def test_cuda_only_peers_are_reported_unavailable(smoke):

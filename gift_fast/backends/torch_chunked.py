@@ -1,23 +1,53 @@
-"""Chunked PyTorch backend: the same math as the Triton kernels, one block of rows at a time.
+"""Chunked PyTorch backend: the same math as the Triton kernels, one [rows, vocab] tile at a time.
 
-Peak extra memory is a few [chunk, V] float32 buffers, never [N, V]. The forward keeps only
-per-row statistics (lse, entropy); the backward recomputes each chunk's logits and skips rows
-whose upstream gradient is zero (prompt tokens, padding, dropped groups).
+Two plain functions do the work and a thin autograd Function wraps them:
+
+- :func:`chunked_forward` streams the vocabulary in tiles with an online log-sum-exp and returns
+  per-row statistics (:class:`RowStats`: log-prob, lse, entropy, argmax, max and target logit);
+- :func:`chunked_backward` recomputes each tile's logits from a given lse (and entropy), turns
+  them into dlogits in place and accumulates dX, dW and db; rows whose upstream gradient is zero
+  are skipped.
+
+Why tiles of both rows and vocabulary (CPU cost, measured in bench/README.md): a tile of
+``ROW_BLOCK`` rows keeps every GEMM large enough for BLAS to run near its peak, while a tile of
+``CHUNK_ELEMENTS`` float32 logits (4 MiB) stays in cache, so the softmax passes that follow each
+GEMM cost a fraction of what they cost over a [rows, V] block streamed through DRAM. Every tile
+buffer is allocated once per call and reused (fresh multi-MiB allocations page-fault on CPU).
+Peak extra memory is a few tiles plus O(N) statistics: flat in N and V, never [N, V].
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .logit_math import grad_raw_from_grad_z, grad_z, transform_logits
+from .logit_math import transform_logits
 
-# Elements of one [chunk, V] float32 buffer (64 MiB): bounds peak memory whatever N is.
-CHUNK_ELEMENTS = 1 << 24
+# Rows per block: the GEMMs of a block have M or K up to 2048, where CPU BLAS runs at its peak,
+# and the float32 dW is read and written once per block (N / 2048 times in all). Single-thread
+# CPU time, fwd+bwd at N=2048 H=896 V=32768 on a loaded 2-core Xeon, min of 3: 2048 x 512 tiles
+# 1.33x the bare GEMM, 512 x 1024 and 1024 x 512 tiles 1.46x.
+ROW_BLOCK = 2048
+# Elements of one [rows, vocab-tile] logits tile (4 MiB in float32): small enough that the
+# exp / scale passes after each GEMM run from cache, large enough that the per-tile Python cost
+# is noise.
+CHUNK_ELEMENTS = 1 << 20
 
 
-def chunk_rows(vocab: int, n_rows: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    return max(1, min(n_rows, chunk_elements // vocab))
+class RowStats(NamedTuple):
+    """Per-row statistics of :func:`chunked_forward`, in the accumulation dtype unless noted.
+
+    ``logp`` and ``target_logit`` are 0 on rows that are ignored or whose target lies outside
+    ``[0, V)`` of this weight; ``lse`` and ``max_logit`` are over this weight's rows for every row;
+    ``entropy`` is that distribution's entropy (0 on ignored rows), None unless asked;
+    ``argmax`` (int64, lowest index on ties) is None unless asked.
+    """
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    argmax: Optional[torch.Tensor]
+    max_logit: torch.Tensor
+    target_logit: torch.Tensor
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,102 +55,218 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  softcap: Optional[float], temperature: float) -> torch.Tensor:
-    acc = accumulation_dtype(x.dtype)
-    raw = (x @ weight.T).to(acc)
+def tile_shape(n_rows: int, vocab: int, chunk_elements: int = CHUNK_ELEMENTS):
+    """(rows per block, vocabulary columns per tile); rows * columns <= max(chunk_elements, rows)."""
+    rows = max(1, min(n_rows, ROW_BLOCK))
+    cols = max(1, min(vocab, chunk_elements // rows))
+    return rows, cols
+
+
+class _Tiles:
+    """Flat scratch buffers reused by every tile of a call; ``view`` gives a contiguous [r, c]."""
+
+    def __init__(self, count: int, rows: int, cols: int, dtype, device):
+        self.bufs = [torch.empty(rows * cols, dtype=dtype, device=device) for _ in range(count)]
+
+    def view(self, i: int, r: int, c: int) -> torch.Tensor:
+        return self.bufs[i][:r * c].view(r, c)
+
+
+def _logit_tile(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v0: int,
+                v1: int, softcap: Optional[float], temperature: float, out: torch.Tensor):
+    """z = softcap(x @ W[v0:v1].T + b[v0:v1]) / T written into ``out`` (x already in ``out``'s dtype)."""
+    w = weight[v0:v1]
+    if w.dtype != out.dtype:           # half inputs: the GEMM runs on float32 copies of the tile
+        w = w.to(out.dtype)
     if bias is not None:
-        raw += bias.to(acc)
-    return transform_logits(raw, softcap, temperature)
+        torch.addmm(bias[v0:v1].to(out.dtype), x, w.T, out=out)
+    else:
+        torch.mm(x, w.T, out=out)
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
 
 
-def chunked_forward(hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                    want_entropy: bool, chunk_elements: int = CHUNK_ELEMENTS,
-                    with_shard_stats: bool = False):
-    """Returns (logp, lse, entropy or None, argmax) for flattened inputs, in the accumulation dtype.
+def _local_targets(targets: torch.Tensor, ignore_index: int, vocab: int):
+    """(rows whose target is a column of this weight, that column or 0)."""
+    in_vocab = (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+    return in_vocab, torch.where(in_vocab, targets, torch.zeros_like(targets)).long()
 
-    A target outside [0, V) that is not ``ignore_index`` is an active row whose target is not in
-    this weight (a vocabulary shard): it is never gathered, its target logit is 0, its entropy
-    and statistics are computed as usual. ``with_shard_stats=True`` appends the raw target logit
-    and the row's max logit (what ``gift_fast.distributed.vocab_parallel`` combines across shards):
-    (logp, lse, entropy, argmax, target_logit, row_max).
+
+@torch.no_grad()
+def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    targets: torch.Tensor, temperature: float, softcap: Optional[float],
+                    ignore_index: int, want_entropy: bool, want_argmax: bool = True,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> RowStats:
+    """Per-row statistics of ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
+
+    ``hidden`` is [N, H], ``weight`` [V, H], ``targets`` [N]. A target equal to ``ignore_index``
+    marks an ignored row; any other target outside ``[0, V)`` marks an active row whose target is
+    not a column of this weight (e.g. another shard of a vocabulary-parallel lm_head): its
+    ``target_logit`` and ``logp`` are 0 and it is never gathered, while ``lse``, ``max_logit``,
+    ``entropy`` and ``argmax`` still describe this weight's columns. Nothing of size N x V is
+    allocated; the statistics are in float32 (float64 for float64 inputs).
     """
-    n = hidden.shape[0]
-    V = weight.shape[0]
+    n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     acc = accumulation_dtype(hidden.dtype)
-    logp = torch.zeros(n, dtype=acc, device=dev)
-    lse = torch.zeros(n, dtype=acc, device=dev)
-    entropy = torch.zeros(n, dtype=acc, device=dev) if want_entropy else None
-    argmax = torch.zeros(n, dtype=torch.int64, device=dev)
-    target_logit = torch.zeros(n, dtype=acc, device=dev) if with_shard_stats else None
-    row_max = torch.zeros(n, dtype=acc, device=dev) if with_shard_stats else None
-    active = targets != ignore_index
-    in_weight = active & (targets >= 0) & (targets < V)
-    step = chunk_rows(V, n, chunk_elements)
-    for start in range(0, n, step):
-        sl = slice(start, start + step)
-        z = _chunk_logits(hidden[sl], weight, bias, softcap, temperature)
-        lse_c = torch.logsumexp(z, dim=-1)
-        act = active[sl]
-        hit = in_weight[sl]
-        tgt = torch.where(hit, targets[sl], torch.zeros_like(targets[sl])).long()
-        z_y = torch.where(hit, z.gather(1, tgt[:, None]).squeeze(1), 0.0)
-        logp[sl] = torch.where(act, z_y - lse_c, 0.0)
-        lse[sl] = lse_c
-        if with_shard_stats:
-            target_logit[sl] = z_y
-            row_max[sl], argmax[sl] = z.max(-1)      # first maximum on ties, as argmax
-        else:
-            argmax[sl] = z.argmax(-1)
+    lse = torch.empty(n, dtype=acc, device=dev)
+    max_logit = torch.empty(n, dtype=acc, device=dev)
+    target_logit = torch.zeros(n, dtype=acc, device=dev)
+    entropy = torch.empty(n, dtype=acc, device=dev) if want_entropy else None
+    argmax = torch.empty(n, dtype=torch.int64, device=dev) if want_argmax else None
+    in_vocab, safe_t = _local_targets(targets, ignore_index, vocab)
+    rows, cols = tile_shape(n, vocab, chunk_elements)
+    tiles = _Tiles(2 if want_entropy else 1, rows, cols, acc, dev)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        c = r1 - r0
+        x = hidden[r0:r1].to(acc)
+        t_c = safe_t[r0:r1]
+        m = s = b = best = best_idx = zt = None
+        for v0 in range(0, vocab, cols):
+            v1 = min(vocab, v0 + cols)
+            z = _logit_tile(x, weight, bias, v0, v1, softcap, temperature, tiles.view(0, c, v1 - v0))
+            # Target logit, taken from the tile that holds it (never gathered out of range).
+            here = (t_c >= v0) & (t_c < v1)
+            picked = z.gather(1, (t_c - v0).clamp_(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            zt = torch.where(here, picked, zt if zt is not None else torch.zeros_like(picked))
+            if want_argmax:
+                t_max, t_idx = z.max(dim=1)
+                if best is None:
+                    best, best_idx = t_max, t_idx
+                else:                       # strictly greater: the lowest index wins ties
+                    better = t_max > best
+                    best = torch.where(better, t_max, best)
+                    best_idx = torch.where(better, t_idx + v0, best_idx)
+            else:
+                t_max = z.amax(dim=1)
+            # Online log-sum-exp relative to the running max m: s = sum e^(z-m), and for the
+            # entropy b = sum e^(z-m) (z-m); both rescale by e^(m-m_new) when the max grows.
+            m_new = t_max if m is None else torch.maximum(m, t_max)
+            z.sub_(m_new[:, None])
+            if want_entropy:
+                e = torch.exp(z, out=tiles.view(1, c, v1 - v0))
+                t_s = e.sum(1)
+                t_b = e.mul_(z).sum(1)
+            else:
+                t_s = z.exp_().sum(1)
+            if m is None:
+                s = t_s
+                b = t_b if want_entropy else None
+            else:
+                scale = torch.exp(m - m_new)
+                if want_entropy:
+                    b = scale * (b + (m - m_new) * s) + t_b
+                s = scale * s + t_s
+            m = m_new
+        log_s = torch.log(s)
+        lse[r0:r1] = m + log_s
+        max_logit[r0:r1] = m
+        target_logit[r0:r1] = zt
         if want_entropy:
-            z.sub_(lse_c[:, None])                       # z is now log p
-            ent = -(z.exp() * z).sum(-1)
-            entropy[sl] = torch.where(act, ent, 0.0)
-        del z
-    if with_shard_stats:
-        return logp, lse, entropy, argmax, target_logit, row_max
-    return logp, lse, entropy, argmax
+            entropy[r0:r1] = log_s - b / s           # H = lse - E[z] = log s - b / s
+        if want_argmax:
+            argmax[r0:r1] = best_idx
+    active = targets != ignore_index
+    zero = torch.zeros((), dtype=acc, device=dev)
+    target_logit = torch.where(in_vocab, target_logit, zero)
+    logp = torch.where(in_vocab, target_logit - lse, zero)
+    if want_entropy:
+        entropy = torch.where(active, entropy, zero)
+    return RowStats(logp, lse, entropy, argmax, max_logit, target_logit)
 
 
-def chunked_backward(hidden, weight, bias, targets, lse, entropy, g, e, temperature, softcap,
-                     need_dx: bool, need_dw: bool, need_db: bool,
+@torch.no_grad()
+def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     targets: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
+                     g: Optional[torch.Tensor], e: Optional[torch.Tensor], temperature: float,
+                     softcap: Optional[float], ignore_index: int = -100, *,
+                     need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
                      chunk_elements: int = CHUNK_ELEMENTS):
-    """Gradients of ``sum_n g_n logp_n + e_n H_n`` w.r.t. hidden, weight, bias (None where not needed).
+    """Gradients of ``sum_n g_n * logp_n + e_n * H_n`` with respect to hidden, weight and bias.
 
-    ``lse`` / ``entropy`` are the per-row statistics the probabilities are taken from; they may
-    come from outside this weight (global statistics over vocabulary shards), in which case
-    ``p = exp(z - lse)`` are the global probabilities of this shard's columns. ``g`` / ``e`` are
-    per-row upstream gradients in the accumulation dtype, already 0 at ignored rows (``e`` may be
-    None). A target outside [0, V) on a live row means "target not in this weight": its ``-p``
-    terms apply, there is no one-hot term and it is never gathered. Rows with g = e = 0 are
-    skipped (one host sync).
+    ``lse`` [N] and ``entropy`` [N] define the distribution each row's probabilities are taken
+    from; they may come from outside, e.g. global statistics over all shards of a
+    vocabulary-parallel lm_head, in which case the result is this shard's part: d_weight / d_bias
+    of its columns and its contribution to d_hidden (sum it over shards). ``g`` / ``e`` are the
+    upstream gradients of logp / entropy ([N], None = 0; ``entropy`` is needed when ``e`` is
+    given). Targets follow :func:`chunked_forward`: ``ignore_index`` rows get no gradient; an
+    active row whose target is outside ``[0, V)`` gets the ``-p`` terms and no one-hot term.
+
+    Returns ``(d_hidden, d_weight, d_bias)`` in the dtypes of hidden / weight / bias (None where
+    not needed or bias is None); accumulation is in float32 (float64 for float64 inputs).
+    Rows whose ``g`` and ``e`` are both zero are skipped (one host sync selects the live rows).
     """
-    acc = lse.dtype
-    nonzero = g != 0 if e is None else (g != 0) | (e != 0)
-    rows = torch.nonzero(nonzero).squeeze(1)  # the only host sync: skips dead rows
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    acc = accumulation_dtype(hidden.dtype)
+    if e is not None and entropy is None:
+        raise ValueError("entropy: needed by chunked_backward when an entropy gradient e is given")
+    g = torch.zeros(n, dtype=acc, device=dev) if g is None else g.to(acc)
+    e = None if e is None else e.to(acc)
+    live = g != 0 if e is None else (g != 0) | (e != 0)
+    rows_idx = torch.nonzero(live & (targets != ignore_index)).squeeze(1)
+    in_vocab, safe_t = _local_targets(targets, ignore_index, vocab)
 
-    d_hidden = torch.zeros_like(hidden) if need_dx else None
-    d_weight32 = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
-    d_bias32 = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_db else None
-    step = chunk_rows(weight.shape[0], max(1, rows.numel()), chunk_elements)
-    for start in range(0, rows.numel(), step):
-        idx = rows[start:start + step]
-        x = hidden[idx]
-        z = _chunk_logits(x, weight, bias, softcap, temperature)
-        dz = grad_z(z, lse[idx], targets[idx].long(), g[idx],
-                    e[idx] if e is not None else None,
-                    entropy[idx] if e is not None else None)
-        d_raw = grad_raw_from_grad_z(dz, z, softcap, temperature)
-        del z
-        if d_hidden is not None:
-            d_hidden[idx] = (d_raw.to(weight.dtype) @ weight).to(hidden.dtype)
-        if d_weight32 is not None:
-            d_weight32.addmm_(d_raw.T, x.to(acc))
-        if d_bias32 is not None:
-            d_bias32 += d_raw.sum(0)
-    d_weight = d_weight32.to(weight.dtype) if d_weight32 is not None else None
-    d_bias = d_bias32.to(bias.dtype) if d_bias32 is not None else None
+    d_hidden = torch.zeros_like(hidden) if need_hidden else None
+    # float32 weights take the gradient in place; half weights go through a float32 scratch.
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=dev) if need_weight else None
+    d_bias = (torch.zeros(vocab, dtype=acc, device=dev)
+              if (bias is not None and need_bias) else None)
+    n_live = rows_idx.numel()
+    rows, cols = tile_shape(max(1, n_live), vocab, chunk_elements)
+    tiles = _Tiles(1 + (e is not None) + (softcap is not None), rows, cols, acc, dev)
+    inv_t = 1.0 / temperature
+    for r0 in range(0, n_live, rows):
+        idx = rows_idx[r0:r0 + rows]
+        c = idx.numel()
+        x = hidden[idx].to(acc)
+        # 1/T of the chain rule folded into the per-row coefficients.
+        g_c = g[idx] * inv_t
+        lse_c = lse[idx].to(acc)[:, None]
+        if e is not None:
+            e_c = (e[idx] * inv_t)[:, None]
+            mean_z = (lse[idx].to(acc) - entropy[idx].to(acc))[:, None]   # E_p[z] = lse - H
+        onehot_g = torch.where(in_vocab[idx], g_c, torch.zeros_like(g_c))
+        t_c = safe_t[idx]
+        dx = torch.zeros(c, hidden.shape[1], dtype=acc, device=dev) if need_hidden else None
+        for v0 in range(0, vocab, cols):
+            v1 = min(vocab, v0 + cols)
+            w = v1 - v0
+            z = _logit_tile(x, weight, bias, v0, v1, softcap, temperature, tiles.view(0, c, w))
+            k = 1
+            if softcap is not None:
+                # d softcap(raw) / d raw = 1 - tanh^2, with tanh = z * T / c (before z is reused).
+                fac = torch.mul(z, temperature / softcap, out=tiles.view(k, c, w))
+                fac.mul_(fac).neg_().add_(1.0)
+                k += 1
+            if e is not None:
+                # dz = p * (-g - e (z - E[z])) + g * onehot, all already divided by T.
+                p = torch.sub(z, lse_c, out=tiles.view(k, c, w)).exp_()
+                z.sub_(mean_z).mul_(-e_c).sub_(g_c[:, None]).mul_(p)
+            else:
+                z.sub_(lse_c).exp_().mul_(-g_c[:, None])
+            here = (t_c >= v0) & (t_c < v1)
+            z.scatter_add_(1, (t_c - v0).clamp_(0, w - 1)[:, None],
+                           torch.where(here, onehot_g, torch.zeros_like(onehot_g))[:, None])
+            if softcap is not None:
+                z.mul_(fac)
+            w_t = weight[v0:v1]
+            if need_hidden:
+                dx.addmm_(z, w_t if w_t.dtype == acc else w_t.to(acc))
+            if need_weight:
+                d_weight[v0:v1].addmm_(z.T, x)
+            if d_bias is not None:
+                d_bias[v0:v1] += z.sum(0)
+        if need_hidden:
+            d_hidden[idx] = dx.to(hidden.dtype)
+    if d_weight is not None and d_weight.dtype != weight.dtype:
+        d_weight = d_weight.to(weight.dtype)
+    if d_bias is not None and d_bias.dtype != bias.dtype:
+        d_bias = d_bias.to(bias.dtype)
     return d_hidden, d_weight, d_bias
 
 
@@ -129,29 +275,24 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                want_entropy, chunk_elements):
-        logp, lse, entropy, argmax = chunked_forward(hidden, weight, bias, targets, temperature,
-                                                     softcap, ignore_index, want_entropy,
-                                                     chunk_elements)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+                want_entropy, chunk_elements, want_argmax=True):
+        st = chunked_forward(hidden, weight, bias, targets, temperature, softcap, ignore_index,
+                             want_entropy, want_argmax, chunk_elements)
+        ctx.save_for_backward(hidden, weight, bias, targets, st.lse, st.entropy)
         ctx.cfg = (temperature, softcap, ignore_index, chunk_elements)
+        entropy = st.entropy if want_entropy else torch.zeros_like(st.logp)
+        argmax = st.argmax if want_argmax else torch.zeros_like(targets, dtype=torch.int64)
         ctx.mark_non_differentiable(argmax)
-        if entropy is None:
-            entropy = torch.zeros_like(logp)
-        return logp, entropy, argmax
+        return st.logp, entropy, argmax
 
     @staticmethod
     def backward(ctx, d_logp, d_entropy, _d_argmax):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         temperature, softcap, ignore_index, chunk_elements = ctx.cfg
-        want_entropy = entropy is not None
-        acc = lse.dtype
-        active = targets != ignore_index
-        g = torch.where(active, d_logp.to(acc), 0.0) if d_logp is not None else torch.zeros_like(lse)
-        e = torch.where(active, d_entropy.to(acc), 0.0) \
-            if (want_entropy and d_entropy is not None) else None
+        e = d_entropy if entropy is not None else None
         d_hidden, d_weight, d_bias = chunked_backward(
-            hidden, weight, bias, targets, lse, entropy, g, e, temperature, softcap,
-            need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
-            need_db=bias is not None and ctx.needs_input_grad[2], chunk_elements=chunk_elements)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
+            hidden, weight, bias, targets, lse, entropy, d_logp, e, temperature, softcap,
+            ignore_index, need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
+            chunk_elements=chunk_elements)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None

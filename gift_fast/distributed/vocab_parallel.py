@@ -130,10 +130,9 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
 # ----------------------------------------------------------------------------------------------
 
 def _torch_local_stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy):
-    _, lse, entropy, argmax, target_logit, row_max = torch_chunked.chunked_forward(
-        hidden, weight, bias, local_targets, temperature, softcap, _NOTHING_IGNORED, want_entropy,
-        torch_chunked.CHUNK_ELEMENTS, with_shard_stats=True)
-    return lse, target_logit, entropy, argmax, row_max
+    st = torch_chunked.chunked_forward(hidden, weight, bias, local_targets, temperature, softcap,
+                                       _NOTHING_IGNORED, want_entropy)
+    return st.lse, st.target_logit, st.entropy, st.argmax, st.max_logit
 
 
 def _triton_local_stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy):
@@ -149,8 +148,9 @@ def _triton_local_stats(hidden, weight, bias, local_targets, temperature, softca
 def _torch_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
                           softcap, need_dx, need_dw, need_db):
     return torch_chunked.chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
-                                          temperature, softcap, need_dx, need_dw, need_db,
-                                          torch_chunked.CHUNK_ELEMENTS)
+                                          temperature, softcap, _NOTHING_IGNORED,
+                                          need_hidden=need_dx, need_weight=need_dw,
+                                          need_bias=need_db)
 
 
 def _triton_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,

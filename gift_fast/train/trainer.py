@@ -236,7 +236,8 @@ class Trainer:
         if memory is not None:
             from .memory import format_report
             result.summary["memory"] = format_report(memory)
-        result.summary["wall_s_this_session"] = time.perf_counter() - start_time
+        # Wall time of this call (after --resume, only the resumed part).
+        result.summary["wall_s_this_process"] = time.perf_counter() - start_time
         with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(result.summary, f, indent=2)
         if cfg.plot:
