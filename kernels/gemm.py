@@ -7,6 +7,8 @@ sizes are fixed (no autotuning), so results are reproducible run to run.
 import triton
 import triton.language as tl
 
+from .target import INTERPRETER, launch_target
+
 
 @triton.jit
 def _matmul_kernel(
@@ -42,8 +44,9 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
-def matmul_config(interpreted: bool) -> dict:
-    if interpreted:
+def matmul_config(dtype, target) -> dict:
+    """Tile config per input dtype and target (``gift_fast.kernels.target``)."""
+    if target == INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
@@ -54,7 +57,7 @@ def matmul(a, b, out, accumulate: bool, dot_precision: str):
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
-    cfg = matmul_config(not a.is_cuda)
+    cfg = matmul_config(a.dtype, launch_target(a))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, out, M, N, K,

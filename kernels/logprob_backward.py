@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .logprob_forward import _logit_tile, _transform
+from .target import INTERPRETER, launch_target
 
 
 @triton.jit
@@ -56,8 +57,9 @@ def _dlogits_kernel(
              dz.to(D.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def dlogits_config(interpreted: bool) -> dict:
-    if interpreted:
+def dlogits_config(dtype, target) -> dict:
+    """Tile config per input dtype and target (``gift_fast.kernels.target``)."""
+    if target == INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
@@ -66,7 +68,7 @@ def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision
     """Fills ``out`` [C, V] with d(sum g*logp + e*H)/d(raw logits) for the rows of ``x`` [C, H]."""
     C, H = x.shape
     V = w.shape[0]
-    cfg = dlogits_config(not x.is_cuda)
+    cfg = dlogits_config(x.dtype, launch_target(x))
     grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _dlogits_kernel[grid](
         x, w, b if b is not None else x, y, g, e if e is not None else g, lse,

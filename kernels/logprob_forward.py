@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import INTERPRETER, launch_target
+
 # Sentinel below any real logit; finite so that (m_old - m_new) * s stays 0, never NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -117,14 +119,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward_config(V: int, H: int, interpreted: bool) -> dict:
-    """Tile sizes and vocabulary split, a function of (V, H) only: batch-invariant by design."""
-    if interpreted:
+def forward_config(V: int, H: int, dtype, target) -> dict:
+    """Tile sizes and vocabulary split, a function of (V, H, dtype, target) only, never of N:
+    batch-invariant by design."""
+    if target == INTERPRETER:
         cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
     else:
         cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3,
                    v_per_split=8192)
     return cfg
+
+
+def combine_config(target) -> dict:
+    return dict(BLOCK=128, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -172,8 +179,8 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     outside [0, V)). Returns float32 (lse, target_logit, entropy or None, argmax int64)."""
     N, H = x.shape
     V = w.shape[0]
-    interpreted = not x.is_cuda
-    cfg = dict(forward_config(V, H, interpreted), **(config or {}))
+    target = launch_target(x)
+    cfg = dict(forward_config(V, H, x.dtype, target), **(config or {}))
     v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     n_split = triton.cdiv(V, v_per_split)
     parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)
@@ -194,8 +201,8 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
         DOT_PRECISION=dot_precision(x.dtype), **cfg)
-    block = 128
-    _combine_kernel[(triton.cdiv(N, block),)](
+    ccfg = combine_config(target)
+    _combine_kernel[(triton.cdiv(N, ccfg["BLOCK"]),)](
         m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,
-        N, n_split, WANT_ENTROPY=want_entropy, BLOCK=block)
+        N, n_split, WANT_ENTROPY=want_entropy, **ccfg)
     return lse, target_logit, entropy, argmax
