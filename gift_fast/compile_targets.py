@@ -331,8 +331,9 @@ def _mma(ptx: str) -> str:
     return "FMA"
 
 
-def compile_spec(spec: Spec, keep_dir: Optional[str] = None) -> dict:
-    """Compiles one specialisation to a cubin; returns its resources (or the error)."""
+def compile_spec(spec: Spec, cubin_dir: Optional[str] = None) -> dict:
+    """Compiles one specialisation to a cubin; returns its resources (or the error), and the
+    path of the cubin when ``cubin_dir`` is given."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -354,9 +355,15 @@ def compile_spec(spec: Spec, keep_dir: Optional[str] = None) -> dict:
     if regs is None or spill is None:
         return dict(error="no ptxas resource log (is TRITON_DUMP_PTXAS_LOG honoured?)\n" + text[-500:])
     ptx = kernel.asm["ptx"]
-    return dict(registers=int(regs.group(1)), stack=int(spill.group(1)),
-                spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)),
-                shared=int(kernel.metadata.shared), mma=_mma(ptx), tma="cp.async.bulk.tensor" in ptx)
+    out = dict(registers=int(regs.group(1)), stack=int(spill.group(1)),
+               spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)),
+               shared=int(kernel.metadata.shared), mma=_mma(ptx), tma="cp.async.bulk.tensor" in ptx)
+    if cubin_dir is not None:
+        path = os.path.join(cubin_dir, f"{kernel.hash}.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out["cubin"] = path
+    return out
 
 
 def _compile_env() -> dict:
@@ -369,10 +376,12 @@ def _compile_env() -> dict:
     return env
 
 
-def compile_all(specs: List[Spec], jobs: int) -> List[dict]:
+def compile_all(specs: List[Spec], jobs: int, cubin_dir: Optional[str] = None) -> List[dict]:
     """Compiles ``specs`` in ``jobs`` worker processes (the interpreter must be off there)."""
     if not specs:
         return []
+    if cubin_dir:
+        os.makedirs(cubin_dir, exist_ok=True)
     jobs = max(1, min(jobs, len(specs)))
     with tempfile.TemporaryDirectory(prefix="gift_fast_compile_") as tmp:
         procs = []
@@ -382,7 +391,8 @@ def compile_all(specs: List[Spec], jobs: int) -> List[dict]:
             with open(inp, "w") as f:
                 json.dump([s.to_json() for s in shard], f)
             procs.append((j, out, subprocess.Popen(
-                [sys.executable, "-m", "gift_fast.compile_targets", "--compile-worker", inp, out],
+                [sys.executable, "-m", "gift_fast.compile_targets", "--compile-worker", inp, out]
+                + ([cubin_dir] if cubin_dir else []),
                 env=_compile_env())))
         results: List[Optional[dict]] = [None] * len(specs)
         for j, out, proc in procs:
@@ -394,11 +404,11 @@ def compile_all(specs: List[Spec], jobs: int) -> List[dict]:
     return results
 
 
-def _worker(inp: str, out: str) -> None:
+def _worker(inp: str, out: str, cubin_dir: Optional[str] = None) -> None:
     with open(inp) as f:
         specs = [Spec.from_json(d) for d in json.load(f)]
     with open(out, "w") as f:
-        json.dump([compile_spec(s) for s in specs], f)
+        json.dump([compile_spec(s, cubin_dir) for s in specs], f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +497,7 @@ def check(archs: Iterable[int], full: bool, jobs: int = 2) -> Report:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--compile-worker"]:
-        _worker(argv[1], argv[2])
+        _worker(*argv[1:4])
         return 0
     p = argparse.ArgumentParser(prog="python -m gift_fast.compile_targets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,10 +4,11 @@ Used by the backward pass for dX = D @ W and dW += D.T @ X. Accumulating dW in p
 (``ACCUMULATE``) means no [V, H] scratch per chunk and no bf16 rounding across chunks. Tile
 sizes are fixed (no autotuning), so results are reproducible run to run.
 """
+import torch
 import triton
 import triton.language as tl
 
-from .target import INTERPRETER, launch_target
+from .target import INTERPRETER, aligned16, launch_target
 
 
 @triton.jit
@@ -44,11 +45,19 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
-def matmul_config(dtype, target) -> dict:
-    """Tile config per input dtype and target (``gift_fast.kernels.target``)."""
+def matmul_config(dtype, target, aligned: bool) -> dict:
+    """Tile config per input dtype, target (``gift_fast.kernels.target``) and whether every
+    stride and pointer is 16-aligned. Checked by ``python -m gift_fast.compile_targets``."""
     if target == INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32 or not aligned:
+        # float32 runs on FMA (no TF32: full precision), and unaligned operands are loaded one
+        # element at a time; either way a 128x128 tile spills, 64x64 keeps 3+ blocks per SM.
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+    # 16-bit tensor-core tiles: BLOCK_K=64 spills the accumulating (dW) variant at 255
+    # registers; BLOCK_K=32 with one more stage on sm_90 keeps the loads in flight.
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8,
+                num_stages=4 if target >= 90 else 3)
 
 
 def matmul(a, b, out, accumulate: bool, dot_precision: str):
@@ -57,7 +66,8 @@ def matmul(a, b, out, accumulate: bool, dot_precision: str):
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
-    cfg = matmul_config(a.dtype, launch_target(a))
+    aligned = aligned16(a, b, out, *a.stride(), *b.stride(), *out.stride())
+    cfg = matmul_config(a.dtype, launch_target(a), aligned)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, out, M, N, K,

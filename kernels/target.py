@@ -40,3 +40,16 @@ def override_target(arch: Target) -> Iterator[None]:
         yield
     finally:
         _state.arch = previous
+
+
+def aligned16(*values) -> bool:
+    """True when Triton will specialise every value as divisible by 16 (ints: multiple of 16
+    or 1; tensors: 16-byte-aligned data pointer). Unaligned operands cannot be loaded in
+    vectors, so their address registers limit the tile size a kernel can afford."""
+    for v in values:
+        if hasattr(v, "data_ptr"):
+            if v.data_ptr() % 16:
+                return False
+        elif v != 1 and v % 16:
+            return False
+    return True
