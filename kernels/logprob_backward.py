@@ -8,11 +8,12 @@ For one chunk of rows (already compacted to rows whose upstream gradient is non-
 into a [chunk, V] buffer in the input dtype, which the GEMM kernel then turns into dX and dW.
 The buffer is bounded by the chunk size, never [N, V].
 """
+import torch
 import triton
 import triton.language as tl
 
 from .logprob_forward import _logit_tile, _transform
-from .target import INTERPRETER, launch_target
+from .target import INTERPRETER, aligned16, launch_target
 
 
 @triton.jit
@@ -57,18 +58,25 @@ def _dlogits_kernel(
              dz.to(D.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def dlogits_config(dtype, target) -> dict:
-    """Tile config per input dtype and target (``gift_fast.kernels.target``)."""
+def dlogits_config(dtype, target, aligned: bool = True) -> dict:
+    """Tile config per input dtype, target and operand alignment (``gift_fast.kernels.target``).
+    Checked for every target by ``python -m gift_fast.compile_targets``."""
     if target == INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32 or not aligned:
+        # FMA (float32) or element-wise loads (unaligned rows): see forward_config.
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
+    # 128 x 128 spilled at 255 registers with softcap, bias and the entropy gradient; 64 x 128
+    # keeps them near 150, at the cost of recomputing each W tile for half as many rows.
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
 
 def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision):
     """Fills ``out`` [C, V] with d(sum g*logp + e*H)/d(raw logits) for the rows of ``x`` [C, H]."""
     C, H = x.shape
     V = w.shape[0]
-    cfg = dlogits_config(x.dtype, launch_target(x))
+    aligned = aligned16(x, w, out, *x.stride(), *w.stride(), *out.stride())
+    cfg = dlogits_config(x.dtype, launch_target(x), aligned)
     grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _dlogits_kernel[grid](
         x, w, b if b is not None else x, y, g, e if e is not None else g, lse,

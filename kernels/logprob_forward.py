@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .target import INTERPRETER, launch_target
+from .target import INTERPRETER, aligned16, launch_target
 
 # Sentinel below any real logit; finite so that (m_old - m_new) * s stays 0, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -119,15 +119,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward_config(V: int, H: int, dtype, target) -> dict:
-    """Tile sizes and vocabulary split, a function of (V, H, dtype, target) only, never of N:
-    batch-invariant by design."""
+def forward_config(V: int, H: int, dtype, target, aligned: bool = True) -> dict:
+    """Tile sizes and vocabulary split, a function of (V, H, dtype, target, operand alignment)
+    only, never of N: batch-invariant by design. Checked for every target by
+    ``python -m gift_fast.compile_targets``."""
     if target == INTERPRETER:
-        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
-    else:
-        cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3,
-                   v_per_split=8192)
-    return cfg
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
+    if dtype == torch.float32 or not aligned:
+        # float32 runs on FMA (no TF32), and operands whose rows are not 16-aligned are loaded
+        # element by element with a 64-bit address each: both spill with 16-bit tiles. A thin
+        # K step (16) keeps the address registers few; 4 warps give 2+ blocks per SM.
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2,
+                    v_per_split=8192)
+    # 16-bit, aligned: BLOCK_H=64 reached 254 registers (1 block/SM) with bias, softcap and
+    # entropy on; BLOCK_H=32 needs about half, so two blocks share an SM.
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
 
 
 def combine_config(target) -> dict:
@@ -180,7 +186,8 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     N, H = x.shape
     V = w.shape[0]
     target = launch_target(x)
-    cfg = dict(forward_config(V, H, x.dtype, target), **(config or {}))
+    aligned = aligned16(x, w, *x.stride(), *w.stride())
+    cfg = dict(forward_config(V, H, x.dtype, target, aligned), **(config or {}))
     v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     n_split = triton.cdiv(V, v_per_split)
     parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)
