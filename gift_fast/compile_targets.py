@@ -241,7 +241,9 @@ def _drive(case: Case, full: bool) -> None:
             out.sum().backward()
         with torch.no_grad():       # inference path: forward only
             gf.linear_logprobs(hidden, weight, targets, return_entropy=case.entropy, **kw)
-        if n < 34:                  # the losses below need the 8 sequences of ``cu``
+        # The losses below run the same forward/backward kernels with the entropy off (plus the
+        # GIFT epilogue); they need the 8 sequences of ``cu``.
+        if n < 34 or (full and case.entropy):
             return
         # Fused GIFT: sequences of unequal length, groups of 2 and 4, both std choices.
         cu = torch.tensor([0, 5, 9, 17, 20, 26, 30, 33, n])

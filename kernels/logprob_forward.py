@@ -125,10 +125,15 @@ def forward_config(V: int, H: int, dtype, target, aligned: bool = True) -> dict:
     ``python -m gift_fast.compile_targets``."""
     if target == INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
-    if dtype == torch.float32 or not aligned:
-        # float32 runs on FMA (no TF32), and operands whose rows are not 16-aligned are loaded
-        # element by element with a 64-bit address each: both spill with 16-bit tiles. A thin
-        # K step (16) keeps the address registers few; 4 warps give 2+ blocks per SM.
+    if dtype == torch.float32:
+        # float32 runs on FMA (no TF32): the operands of the dot live in registers, so with
+        # bias, softcap and entropy a 64-row tile sat at 255 registers and spilled. On sm_80
+        # the second stage spilled too with unaligned rows (one stage: no spill, 168 regs).
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4,
+                    num_stages=2 if target >= 90 else 1, v_per_split=8192)
+    if not aligned:
+        # Rows not 16-aligned are loaded element by element with a 64-bit address each: a
+        # thin K step (16) keeps those registers few; 4 warps give 3 blocks per SM.
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2,
                     v_per_split=8192)
     # 16-bit, aligned: BLOCK_H=64 reached 254 registers (1 block/SM) with bias, softcap and
