@@ -127,6 +127,7 @@ def _specialise(fn, arch: int, args, kwargs) -> Spec:
                          create_function_from_signature(jit.signature, jit.params, backend))
     jit, backend, binder = _BINDERS[key]
     bound, specialization, options = binder(*args, **kwargs)
+    # Triton's own packing (a private helper of JITFunction.run in Triton 3.9).
     _, signature, constexprs, attrs = jit._pack_args(backend, dict(kwargs), bound,
                                                       specialization, options)
     return Spec(
@@ -337,6 +338,7 @@ def compile_spec(spec: Spec, cubin_dir: Optional[str] = None) -> dict:
     """Compiles one specialisation to a cubin; returns its resources (or the error), and the
     path of the cubin when ``cubin_dir`` is given."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -344,7 +346,6 @@ def compile_spec(spec: Spec, cubin_dir: Optional[str] = None) -> dict:
     fn = getattr(importlib.import_module(module), name)
     src = ASTSource(fn=fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
                     attrs={p: [list(a) for a in v] for p, v in spec.attrs})
-    from triton import knobs
 
     def build():
         log = io.StringIO()

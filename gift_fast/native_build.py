@@ -64,9 +64,8 @@ def emit_launcher(spec: ct.Spec, kernel, asm: bytes, shared: int,
     """Triton's AOT template for one compiled specialisation (as triton.tools.compile writes
     it): returns (algorithm name, header path, readable description)."""
     import triton
-    jit = kernel if hasattr(kernel, "params") else None
     from triton.runtime.jit import JITFunction
-    jit = jit if isinstance(jit, JITFunction) else JITFunction(kernel.fn)
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     names = [n for n, _ in spec.signature]
     declared = {p.name for p in jit.params if p.is_constexpr}
     constexprs = {names[p[0]]: v for p, v in spec.constexprs}

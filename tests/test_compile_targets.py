@@ -7,7 +7,7 @@ import pytest
 
 from gift_fast import compile_targets as ct
 from gift_fast.kernels.logprob_forward import forward_config
-from gift_fast.kernels.target import INTERPRETER, launch_target, override_target
+from gift_fast.kernels.target import INTERPRETER, launch_target
 
 
 @pytest.fixture(scope="module")
