@@ -67,7 +67,9 @@ def dlogits_config(dtype, target, aligned: bool = True) -> dict:
         # FMA (float32) or element-wise loads (unaligned rows): see forward_config.
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
     # 128 x 128 spilled at 255 registers with softcap, bias and the entropy gradient; 64 x 128
-    # keeps them near 150, at the cost of recomputing each W tile for half as many rows.
+    # keeps them near 150, at the cost of recomputing each W tile for half as many rows. That
+    # is still one 8-warp block per SM: occupancy traded for a 128-wide vocabulary tile, whose
+    # loads of W are shared by 64 rows (a 4-warp 64 x 64 tile fits 3-4 blocks, loads W twice).
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
 
