@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import INTERPRETER, aligned16, launch_target
+
 
 @triton.jit
 def _matmul_kernel(
@@ -62,10 +64,21 @@ def _matmul_kernel(
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
-def matmul_config(interpreted: bool) -> dict:
-    if interpreted:
+def matmul_config(dtype, target, aligned: bool) -> dict:
+    """Tile config per input dtype, target (``gift_fast.kernels.target``) and whether every
+    stride and pointer is 16-aligned. Checked by ``python -m gift_fast.compile_targets``."""
+    if target == INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32 or not aligned:
+        # float32 runs on FMA (no TF32: full precision), and unaligned operands are loaded one
+        # element at a time with a 64-bit address each: a 128x128 tile spills, and even 64x64
+        # does with BLOCK_K=32 on sm_80; BLOCK_K=16 keeps 2+ blocks per SM.
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+    # 16-bit tensor-core tiles: BLOCK_K=64 spills the accumulating (dW) variant at 255
+    # registers; BLOCK_K=32 with one more stage on sm_90 keeps the loads in flight. One 8-warp
+    # block per SM (about 175 registers): occupancy traded for 128 x 128 reuse, as GEMMs do.
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8,
+                num_stages=4 if target >= 90 else 3)
 
 
 def matmul(a, b, out, accumulate: bool, dot_precision: str, lo=None, keep_lo: bool = False):
@@ -84,7 +97,8 @@ def matmul(a, b, out, accumulate: bool, dot_precision: str, lo=None, keep_lo: bo
         raise ValueError("lo: expected an int16 tensor with the shape and strides of a 16-bit "
                          f"out, got {lo.dtype} {tuple(lo.shape)} for {out.dtype} "
                          f"{tuple(out.shape)}")
-    cfg = matmul_config(not a.is_cuda)
+    aligned = aligned16(a, b, out, *a.stride(), *b.stride(), *out.stride())
+    cfg = matmul_config(a.dtype, launch_target(a), aligned)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, out, lo if lo is not None else out, M, N, K,

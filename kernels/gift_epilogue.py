@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import INTERPRETER, launch_target
+
 
 @triton.jit
 def _sequence_logratio(LOGP, ANCHOR, Y, row_start, row_end, BLOCK_T: tl.constexpr):
@@ -120,6 +122,12 @@ def _gift_epilogue_kernel(
             tl.store(G_ROW + rows, tl.where(active, c, 0.0), mask=inside)
 
 
+def epilogue_config(target) -> dict:
+    if target == INTERPRETER:
+        return dict(BLOCK_T=32, num_warps=1, num_stages=1)
+    return dict(BLOCK_T=256, num_warps=4, num_stages=1)
+
+
 def gift_epilogue(logp, anchor, y, cu_seqlens, group_ptr, rewards, *, beta, eps, length_norm,
                   unbiased, drop_uniform, max_group):
     """Launches one program per group. ``y`` < 0 marks ignored rows. Returns a dict of float32
@@ -142,5 +150,5 @@ def gift_epilogue(logp, anchor, y, cu_seqlens, group_ptr, rewards, *, beta, eps,
         float(beta), float(eps), float(length_norm),
         UNBIASED=unbiased, DROP_UNIFORM=drop_uniform,
         MAX_G=max(2, triton.next_power_of_2(max_group)),
-        BLOCK_T=32 if not logp.is_cuda else 256)
+        **epilogue_config(launch_target(logp)))
     return out

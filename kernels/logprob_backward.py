@@ -8,10 +8,12 @@ For one chunk of rows (already compacted to rows whose upstream gradient is non-
 into a [chunk, V] buffer in the input dtype, which the GEMM kernel then turns into dX and dW.
 The buffer is bounded by the chunk size, never [N, V].
 """
+import torch
 import triton
 import triton.language as tl
 
 from .logprob_forward import _logit_tile, _transform
+from .target import INTERPRETER, aligned16, launch_target
 
 
 @triton.jit
@@ -56,17 +58,27 @@ def _dlogits_kernel(
              dz.to(D.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def dlogits_config(interpreted: bool) -> dict:
-    if interpreted:
+def dlogits_config(dtype, target, aligned: bool = True) -> dict:
+    """Tile config per input dtype, target and operand alignment (``gift_fast.kernels.target``).
+    Checked for every target by ``python -m gift_fast.compile_targets``."""
+    if target == INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32 or not aligned:
+        # FMA (float32) or element-wise loads (unaligned rows): see forward_config.
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
+    # 128 x 128 spilled at 255 registers with softcap, bias and the entropy gradient; 64 x 128
+    # keeps them near 150, at the cost of recomputing each W tile for half as many rows. That
+    # is still one 8-warp block per SM: occupancy traded for a 128-wide vocabulary tile, whose
+    # loads of W are shared by 64 rows (a 4-warp 64 x 64 tile fits 3-4 blocks, loads W twice).
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
 
 def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision):
     """Fills ``out`` [C, V] with d(sum g*logp + e*H)/d(raw logits) for the rows of ``x`` [C, H]."""
     C, H = x.shape
     V = w.shape[0]
-    cfg = dlogits_config(not x.is_cuda)
+    aligned = aligned16(x, w, out, *x.stride(), *w.stride(), *out.stride())
+    cfg = dlogits_config(x.dtype, launch_target(x), aligned)
     grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _dlogits_kernel[grid](
         x, w, b if b is not None else x, y, g, e if e is not None else g, lse,

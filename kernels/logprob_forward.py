@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import INTERPRETER, aligned16, launch_target
+
 # Sentinel below any real logit; finite so that (m_old - m_new) * s stays 0, never NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -117,14 +119,30 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward_config(V: int, H: int, interpreted: bool) -> dict:
-    """Tile sizes and vocabulary split, a function of (V, H) only: batch-invariant by design."""
-    if interpreted:
-        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
-    else:
-        cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3,
-                   v_per_split=8192)
-    return cfg
+def forward_config(V: int, H: int, dtype, target, aligned: bool = True) -> dict:
+    """Tile sizes and vocabulary split, a function of (V, H, dtype, target, operand alignment)
+    only, never of N: batch-invariant by design. Checked for every target by
+    ``python -m gift_fast.compile_targets``."""
+    if target == INTERPRETER:
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
+    if dtype == torch.float32:
+        # float32 runs on FMA (no TF32): the operands of the dot live in registers, so with
+        # bias, softcap and entropy a 64-row tile sat at 255 registers and spilled. On sm_80
+        # the second stage spilled too with unaligned rows (one stage: no spill, 168 regs).
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4,
+                    num_stages=2 if target >= 90 else 1, v_per_split=8192)
+    if not aligned:
+        # Rows not 16-aligned are loaded element by element with a 64-bit address each: a
+        # thin K step (16) keeps those registers few; 4 warps give 3 blocks per SM.
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2,
+                    v_per_split=8192)
+    # 16-bit, aligned: BLOCK_H=64 reached 254 registers (1 block/SM) with bias, softcap and
+    # entropy on; BLOCK_H=32 needs about half, so two blocks share an SM.
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
+
+
+def combine_config(target) -> dict:
+    return dict(BLOCK=128, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -177,8 +195,9 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     argmax; used to break argmax ties across vocabulary shards)."""
     N, H = x.shape
     V = w.shape[0]
-    interpreted = not x.is_cuda
-    cfg = dict(forward_config(V, H, interpreted), **(config or {}))
+    target = launch_target(x)
+    aligned = aligned16(x, w, *x.stride(), *w.stride())
+    cfg = dict(forward_config(V, H, x.dtype, target, aligned), **(config or {}))
     v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     n_split = triton.cdiv(V, v_per_split)
     parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)
@@ -199,9 +218,9 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
         DOT_PRECISION=dot_precision(x.dtype), **cfg)
-    block = 128
-    _combine_kernel[(triton.cdiv(N, block),)](
+    ccfg = combine_config(target)
+    _combine_kernel[(triton.cdiv(N, ccfg["BLOCK"]),)](
         m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,
         row_max if row_max is not None else lse,
-        N, n_split, WANT_ENTROPY=want_entropy, WANT_ROW_MAX=row_max is not None, BLOCK=block)
+        N, n_split, WANT_ENTROPY=want_entropy, WANT_ROW_MAX=row_max is not None, **ccfg)
     return lse, target_logit, entropy, argmax
