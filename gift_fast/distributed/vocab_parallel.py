@@ -131,7 +131,8 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
 
 def _torch_local_stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy):
     st = torch_chunked.chunked_forward(hidden, weight, bias, local_targets, temperature, softcap,
-                                       _NOTHING_IGNORED, want_entropy)
+                                       _NOTHING_IGNORED, want_entropy,
+                                       chunk_elements=torch_chunked.CHUNK_ELEMENTS)
     return st.lse, st.target_logit, st.entropy, st.argmax, st.max_logit
 
 
@@ -150,7 +151,8 @@ def _torch_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, 
     return torch_chunked.chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
                                           temperature, softcap, _NOTHING_IGNORED,
                                           need_hidden=need_dx, need_weight=need_dw,
-                                          need_bias=need_db)
+                                          need_bias=need_db,
+                                          chunk_elements=torch_chunked.CHUNK_ELEMENTS)
 
 
 def _triton_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
