@@ -82,7 +82,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     sft.add_argument("--sft-lr", type=_float, default=d.sft_lr, help="AdamW learning rate of the SFT phase")
     sft.add_argument("--sft-until", type=_float, default=d.sft_until, metavar="ACC",
                      help="end SFT early, at the first multiple of 50 steps where greedy accuracy on "
-                          "256 training problems reaches ACC; --sft-steps is then the limit")
+                          "256 training problems reaches ACC (0: off); --sft-steps is then the limit")
     sft.add_argument("--warm-start", default=None, metavar="PATH",
                      help="start RL from the checkpoint of an SFT-only run (--rl-steps 0) with the same "
                           "seed and SFT settings instead of repeating its SFT phase")
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {k: v for k, v in vars(args).items()
               if k not in ("command", "compare", "seeds", "no_progress", "no_plot")}
+    if fields.get("sft_until") == 0:
+        fields["sft_until"] = None    # --sft-until 0: always run --sft-steps
     return TrainConfig(**fields, progress=not args.no_progress, plot=not args.no_plot)
 
 

@@ -14,17 +14,18 @@ class TrainConfig:
     vocab: int = 2048                   # padded vocabulary size (exercises the large-vocab path)
     seed: int = 0
     # Supervised warm start (gold answers, the library's fused SFT loss)
-    sft_steps: int = 550
+    sft_steps: int = 1500               # the limit; sft_until usually ends SFT earlier
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    sft_until: Optional[float] = None   # stop SFT once greedy accuracy on training problems >= this
+    sft_until: Optional[float] = 0.25   # end SFT once greedy accuracy on training problems >= this
     # On-policy RL
-    rl_steps: int = 300
+    rl_steps: int = 200
     prompts_per_step: int = 8
     group_size: int = 8                 # G responses sampled per prompt
-    mini_batches: int = 1               # optimiser steps per pass over a rollout batch (whole groups)
+    mini_batches: int = 4               # optimiser steps per pass over a rollout (whole groups; at
+                                        # most one per group)
     updates_per_batch: int = 1          # passes over each rollout batch (anchor = rollout policy)
-    lr: float = 1e-3
+    lr: float = 2e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0            # sampling temperature == loss temperature
@@ -82,9 +83,6 @@ def validate(cfg: TrainConfig) -> None:
          f"got {cfg.group_size}")
     for name in ("lr", "sft_lr", "temperature"):
         need(getattr(cfg, name) > 0, f"{name}: expected > 0, got {getattr(cfg, name)}")
-    need(cfg.mini_batches <= cfg.prompts_per_step,
-         f"mini_batches: expected <= prompts_per_step ({cfg.prompts_per_step}): a mini-batch holds "
-         f"whole groups; got {cfg.mini_batches}")
     need(cfg.sft_until is None or 0 < cfg.sft_until <= 1,
          f"sft_until: expected a fraction in (0, 1], got {cfg.sft_until}")
     need(cfg.grad_clip >= 0, f"grad_clip: expected >= 0 (0 disables), got {cfg.grad_clip}")

@@ -38,15 +38,46 @@ def study_dir(cfg: TrainConfig, losses: Sequence[str]) -> str:
     overwrites the first."""
     if cfg.out_dir:
         return cfg.out_dir
+    from .trainer import unused_path
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{cfg.name or 'compare-' + '-'.join(losses)}-{stamp}")
+    return unused_path(os.path.join("runs", f"{cfg.name or 'compare-' + '-'.join(losses)}-{stamp}"))
+
+
+# Settings that do not change what a run computes: a finished run with other values is reused.
+_PRESENTATION = ("out_dir", "progress", "plot", "memory_report", "save_every", "name",
+                 "warm_start", "resume")
+
+
+def finished_run(cfg: TrainConfig, out_dir: str) -> Optional[List[Dict]]:
+    """The records of a finished run in ``out_dir`` made with the same settings as ``cfg``, else
+    None: an interrupted study (or seeds run as separate processes into one directory) resumes
+    without repeating finished runs."""
+    from .metrics import read_log
+    try:
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return None
+    want = cfg.to_dict()
+    for key in want:
+        if key in _PRESENTATION or (key == "sft_steps" and cfg.sft_until is not None):
+            continue
+        if saved.get(key) != want[key]:
+            return None
+    return read_log(os.path.join(out_dir, "metrics.jsonl"))
 
 
 def make_warm_start(cfg: TrainConfig, out_dir: str) -> str:
     """The SFT phase alone (``rl_steps=0``), run once and shared by every loss of this seed."""
     from .trainer import Trainer
-    trainer = Trainer(cfg.replace(rl_steps=0, out_dir=out_dir, plot=False, memory_report=False,
-                                  warm_start=None, resume=None))
+    cfg = cfg.replace(rl_steps=0, out_dir=out_dir, plot=False, memory_report=False,
+                      warm_start=None, resume=None)
+    if finished_run(cfg, out_dir) is not None and os.path.isfile(
+            os.path.join(out_dir, "checkpoint.pt")):
+        return out_dir
+    trainer = Trainer(cfg)
     if cfg.sft_steps == 0:
         trainer.save()  # no SFT: the warm start is the initial model of this seed
     else:
@@ -97,7 +128,7 @@ def run_summary(records: List[Dict], window: int) -> Dict:
     if acc:
         out["accuracy_gain"] = max(acc[-3:]) - acc[0]   # best of the last three evals vs start
     if len(rewards):
-        w = min(50, len(rewards))
+        w = min(window, len(rewards))
         out["reward_first"] = float(rewards[:w].mean())
         out["reward_last"] = float(rewards[-w:].mean())
         out["reward_gain"] = out["reward_last"] - out["reward_first"]
@@ -129,7 +160,7 @@ def summary_table(per_run: Dict[str, Dict[int, Dict]], rise: float = 0.15) -> st
             + [f"held-out acc, step {s}" for s in fixed]
             + [f"sampled reward, steps {max(0, s - (steps[1] - steps[0] if len(steps) > 1 else s))}"
                f"-{s}" for s in fixed]
-            + ["acc gain (best of last 3 evals - start)", "reward gain (last 50 - first 50)",
+            + ["acc gain (best of last 3 evals - start)", "sampled reward gain (last - first window)",
                f"RL steps to +{rise:.2f} acc (per seed)", "KL(final || warm start), nats"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for loss, seeds in per_run.items():
@@ -208,10 +239,16 @@ def run_study(cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int]) -> 
             run_cfg = seed_cfg.replace(loss=loss, warm_start=warm, plot=False,
                                        out_dir=os.path.join(base, RUN_DIR.format(loss=loss,
                                                                                  seed=seed)))
-            result = train(run_cfg)
+            records = finished_run(run_cfg, run_cfg.out_dir)
+            if records is None:
+                result = train(run_cfg)
+            else:
+                from .trainer import LOG_NAME, TrainResult
+                result = TrainResult(run_cfg.out_dir, os.path.join(run_cfg.out_dir, LOG_NAME),
+                                     None, records)
             s = run_summary(result.records, window=cfg.eval_every)
             s["kl_to_warm_start"] = kl_to_warm_start(result.out_dir, warm, run_cfg)
-            s["wall_s"] = result.summary.get("wall_s_this_session")
+            s["train_s"] = float(sum(r.get("step_s", 0.0) for r in result.records))
             runs[loss][seed], per_run[loss][seed] = result, s
     table = summary_table(per_run)
     aggregate = {loss: {str(seed): s for seed, s in seeds_.items()}

@@ -56,7 +56,17 @@ def resolve_device(name: str) -> torch.device:
 
 def default_out_dir(cfg: TrainConfig) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", cfg.name or f"{cfg.loss}-{stamp}")
+    return unused_path(os.path.join("runs", cfg.name or f"{cfg.loss}-{stamp}"))
+
+
+def unused_path(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... if it exists (two runs started in the same second
+    never share a directory)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 @torch.no_grad()
@@ -281,6 +291,7 @@ class Trainer:
         anchor = self.ref_model if self.ref_model is not None else self.model
         batch.anchor_logps = policy_logprobs(anchor, batch, cfg.temperature, self.compute_dtype)
         batch.exact = exact
+        batch.no_eos = (responses != tok.eos_id).all(1).float().mean().item()
         return batch
 
     def _rl_step(self) -> Dict:
@@ -299,7 +310,7 @@ class Trainer:
         out = self._optimise(train_batch, cfg.loss, cfg.updates_per_batch, cfg.mini_batches)
         return {"phase": "rl", "rl_step": self.step - cfg.sft_steps,
                 "reward": batch.rewards.mean().item(), "accuracy": batch.exact.mean().item(),
-                "response_tokens": batch.n_tokens, **out,
+                "no_eos_frac": batch.no_eos, "response_tokens": batch.n_tokens, **out,
                 "_tokens": batch.sequences.numel() + train_batch.sequences.numel()}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -391,7 +402,7 @@ def _postfix(record: Dict, last_eval: Optional[Dict]) -> Dict:
     return out
 
 
-def summarise(records: List[Dict], window: int = 50) -> Dict:
+def summarise(records: List[Dict], window: int = 25) -> Dict:
     """Start vs end of the RL phase: mean sampled reward over the first and last ``window``
     steps, and held-out greedy accuracy at the start and the end of RL."""
     rl = [r for r in records if r.get("phase") == "rl"]
@@ -419,18 +430,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).run()
 
 
-def compare(cfg: TrainConfig, losses: List[str]) -> Dict[str, TrainResult]:
-    """Trains each loss on the same seeds (same warm start, same prompts), each in
-    ``<out_dir>/<loss>``, and plots them together in ``<out_dir>/compare.png``."""
-    from .plotting import plot_runs
-    base = cfg.out_dir or default_out_dir(cfg.replace(name=cfg.name or "compare-" + "-".join(losses)))
-    results = {}
-    for loss in losses:
-        results[loss] = train(cfg.replace(loss=loss, out_dir=os.path.join(base, loss),
-                                          resume=None))
-    plot = plot_runs({k: r.records for k, r in results.items()}, os.path.join(base, "compare.png"))
-    with open(os.path.join(base, "compare.json"), "w", encoding="utf-8") as f:
-        json.dump({k: r.summary for k, r in results.items()}, f, indent=2)
-    for r in results.values():
-        r.compare_plot = plot
-    return results
+def compare(cfg: TrainConfig, losses: List[str], seeds: Optional[List[int]] = None):
+    """Every loss from one shared warm start per seed (default: ``cfg.seed``); returns the
+    :class:`~gift_fast.train.study.StudyResult` (runs, table, plot). See study.py."""
+    from .study import run_study
+    return run_study(cfg, losses, seeds or [cfg.seed])
