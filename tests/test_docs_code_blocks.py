@@ -100,23 +100,23 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 
 
 def _commands(source: str) -> List[List[str]]:
-    """Shell words of each simple command of a block, split at ``&&``, ``||``, ``;``, ``|`` and
-    newlines (continuations joined, comments dropped); a ``|`` is kept as its own command."""
-    lexer = shlex.shlex(source.replace("\\\n", " "), posix=True, punctuation_chars=";&|")
-    lexer.whitespace = " \t\r"
-    lexer.commenters = "#"
-    commands, current = [], []
-    for tok in lexer:
-        if tok in ("\n", ";", "&&", "||", "|", "&"):
-            if current:
-                commands.append(current)
-            if tok == "|":
-                commands.append(["|"])
-            current = []
-        else:
-            current.append(tok)
-    if current:
-        commands.append(current)
+    """Shell words of each simple command of a block, split at ``&&``, ``||``, ``;``, ``|``, ``&``
+    (written as separate words) and line ends (continuations joined, comments dropped); a ``|``
+    is kept as its own command."""
+    commands = []
+    for line in source.replace("\\\n", " ").splitlines():
+        current = []
+        for word in shlex.split(line, comments=True):
+            if word in ("&&", "||", ";", "|", "&"):
+                if current:
+                    commands.append(current)
+                if word == "|":
+                    commands.append(["|"])
+                current = []
+            else:
+                current.append(word)
+        if current:
+            commands.append(current)
     return commands
 
 
@@ -158,6 +158,9 @@ def test_bash_blocks_parse(block):
         if not words:
             continue
         if words[0] == "gift-fast":
+            piped = [w for w in words if "|" in w]
+            assert not piped, (f"{block.where}: {piped[0]!r} in a gift-fast command is a shell pipe "
+                               "when pasted; list alternatives in prose")
             _check_gift_fast(words[1:], block.where)
         elif words[0] in ("python", "python3") and words[1:2] == ["-m"]:
             module = words[2]
