@@ -169,7 +169,8 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     """
     check_choice("std", std, STD_CHOICES)
     check_choice("reduction", reduction, REDUCTIONS)
-    _check_number("beta", beta)
+    # beta scales the implicit term: beta <= 0 drops it or rewards anti-correlation.
+    _check_number("beta", beta, 0.0, lo_open=True)
     _check_number("eps", eps, 0.0)
     _check_number("length_norm", length_norm, 0.0, 1.0)
     layout, active, acc, lp, fl = _prepare(logps, mask, cu_seqlens, anchor_logps=anchor_logps)

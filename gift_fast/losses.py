@@ -144,6 +144,7 @@ def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None
 
     Returns ``(loss, metrics)``.
     """
+    Fn._check_number("beta", beta, 0.0, lo_open=True)  # checked here too: the fused path skips Fn
     if (resolve_backend(backend, getattr(hidden, "device", torch.device("cpu"))) == "triton"
             and detach_stats and group_ids is None and group_size is not None
             and data_parallel_group is None and vocab_parallel_group is None

@@ -33,8 +33,22 @@ def save_checkpoint(path: str, *, model, optimizer, step: int, config: dict,
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
 
 
-def load_checkpoint(path: str) -> dict:
-    return torch.load(checkpoint_path(path), map_location="cpu", weights_only=False)
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "rng")
+
+
+def load_checkpoint(path: str, what: str = "resume") -> dict:
+    """The checkpoint's state; a ValueError naming the file when it is not one of ours."""
+    file = checkpoint_path(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip, EOF, decode errors: all mean "not a checkpoint"
+        first_line = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"{what}: {file!r} is not a gift-fast checkpoint "
+                         f"({type(exc).__name__}: {first_line})") from None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise ValueError(f"{what}: {file!r} is not a gift-fast checkpoint (expected a dict with "
+                         f"{', '.join(CHECKPOINT_KEYS)})")
+    return state
 
 
 def restore_rng(state: dict, data_rng: random.Random) -> None:

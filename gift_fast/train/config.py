@@ -14,15 +14,18 @@ class TrainConfig:
     vocab: int = 2048                   # padded vocabulary size (exercises the large-vocab path)
     seed: int = 0
     # Supervised warm start (gold answers, the library's fused SFT loss)
-    sft_steps: int = 550
+    sft_steps: int = 1500               # the limit; sft_until usually ends SFT earlier
     sft_batch: int = 64
     sft_lr: float = 3e-3
+    sft_until: Optional[float] = 0.25   # end SFT once greedy accuracy on training problems >= this
     # On-policy RL
-    rl_steps: int = 300
+    rl_steps: int = 200
     prompts_per_step: int = 8
     group_size: int = 8                 # G responses sampled per prompt
-    updates_per_batch: int = 1          # optimiser steps per rollout batch (anchor = pre-update)
-    lr: float = 1e-3
+    mini_batches: int = 4               # optimiser steps per pass over a rollout (whole groups; at
+                                        # most one per group)
+    updates_per_batch: int = 1          # passes over each rollout batch (anchor = rollout policy)
+    lr: float = 2e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0            # sampling temperature == loss temperature
@@ -37,6 +40,7 @@ class TrainConfig:
     out_dir: Optional[str] = None       # default runs/<name>
     name: Optional[str] = None
     resume: Optional[str] = None        # a checkpoint file or a run directory
+    warm_start: Optional[str] = None    # checkpoint of a finished SFT-only run: skip the SFT phase
     memory_report: Optional[bool] = None  # default: on for the qwen2 preset
     device: str = "auto"
     threads: Optional[int] = None
@@ -70,7 +74,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.vocab >= MIN_VOCAB, f"vocab: expected >= {MIN_VOCAB} (the task's alphabet), got {cfg.vocab}")
     for name in ("sft_steps", "rl_steps"):
         need(getattr(cfg, name) >= 0, f"{name}: expected >= 0, got {getattr(cfg, name)}")
-    for name in ("sft_batch", "prompts_per_step", "group_size", "updates_per_batch",
+    for name in ("sft_batch", "prompts_per_step", "group_size", "updates_per_batch", "mini_batches",
                  "max_new_tokens", "eval_every", "n_heldout", "save_every"):
         need(getattr(cfg, name) >= 1, f"{name}: expected >= 1, got {getattr(cfg, name)}")
     need(cfg.n_heldout <= 5000, f"n_heldout: expected <= 5000 of the 10000 problems, got {cfg.n_heldout}")
@@ -79,13 +83,20 @@ def validate(cfg: TrainConfig) -> None:
          f"got {cfg.group_size}")
     for name in ("lr", "sft_lr", "temperature"):
         need(getattr(cfg, name) > 0, f"{name}: expected > 0, got {getattr(cfg, name)}")
+    need(cfg.sft_until is None or 0 < cfg.sft_until <= 1,
+         f"sft_until: expected a fraction in (0, 1], got {cfg.sft_until}")
     need(cfg.grad_clip >= 0, f"grad_clip: expected >= 0 (0 disables), got {cfg.grad_clip}")
     need(cfg.anchor in ("old", "ref"), f"anchor: expected 'old' or 'ref', got {cfg.anchor!r}")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"device: expected auto, cpu or cuda[:N], got {cfg.device!r}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads: expected >= 1, got {cfg.threads}")
-    if cfg.resume is not None:
-        import os
-        from .checkpoint import checkpoint_path
-        need(os.path.isfile(checkpoint_path(cfg.resume)),
-             f"resume: no checkpoint found at {cfg.resume!r}")
+    need(cfg.beta is None or cfg.beta > 0, f"beta: expected > 0 (or unset for the loss's "
+         f"default), got {cfg.beta}")
+    import os
+    from .checkpoint import checkpoint_path
+    for name in ("resume", "warm_start"):
+        path = getattr(cfg, name)
+        need(path is None or os.path.isfile(checkpoint_path(path)),
+             f"{name}: no checkpoint found at {path!r}")
+    need(cfg.resume is None or cfg.warm_start is None,
+         "warm_start: a resumed run already has its weights; give --resume or --warm-start, not both")

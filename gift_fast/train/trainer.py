@@ -56,18 +56,92 @@ def resolve_device(name: str) -> torch.device:
 
 def default_out_dir(cfg: TrainConfig) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", cfg.name or f"{cfg.loss}-{stamp}")
+    return unused_path(os.path.join("runs", cfg.name or f"{cfg.loss}-{stamp}"))
+
+
+def unused_path(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... if it exists (two runs started in the same second
+    never share a directory)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 @torch.no_grad()
-def evaluate(model, task: AdditionTask, device, cfg: TrainConfig, compute_dtype) -> Dict:
-    """Greedy accuracy and reward on the held-out problems."""
+def evaluate(model, task: AdditionTask, device, cfg: TrainConfig, compute_dtype,
+             problems=None, prefix: str = "heldout") -> Dict:
+    """Greedy accuracy and reward on the held-out problems (or on ``problems``)."""
     tok = task.tokenizer
-    prompts = task.prompt_ids(task.heldout).to(device)
+    problems = task.heldout if problems is None else problems
+    prompts = task.prompt_ids(problems).to(device)
     responses = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
                          eos_id=tok.eos_id, sample=False, compute_dtype=compute_dtype)
-    rewards, exact = task.score(task.heldout, responses.cpu())
-    return {"heldout_accuracy": exact.mean().item(), "heldout_reward": rewards.mean().item()}
+    rewards, exact = task.score(problems, responses.cpu())
+    return {f"{prefix}_accuracy": exact.mean().item(), f"{prefix}_reward": rewards.mean().item()}
+
+
+SFT_PROBE_PROBLEMS, SFT_PROBE_EVERY = 256, 50
+
+
+# Settings a resumed run may change: how long it runs and how it reports, not what it computes.
+RESUME_MAY_CHANGE = ("rl_steps", "eval_every", "save_every", "memory_report", "device", "threads",
+                     "progress", "plot")
+# Settings that define a warm start: an RL run can only start from an SFT run that used them.
+WARM_START_KEYS = ("model", "vocab", "seed", "sft_steps", "sft_batch", "sft_lr", "weight_decay",
+                   "n_heldout")
+
+
+def resumed_config(cfg: TrainConfig, state: dict) -> TrainConfig:
+    """The checkpoint's config, with the settings ``cfg`` may change on resume. A setting that
+    ``cfg`` sets to something other than both its default and the checkpoint's value is refused
+    (a resumed run is the same run); ``rl_steps`` left at its default keeps the saved value."""
+    saved = TrainConfig.from_dict(state["config"])
+    default = TrainConfig()
+    # The run continues where its checkpoint lies (the directory may have been moved).
+    run_dir = os.path.dirname(os.path.abspath(checkpoint_path(cfg.resume)))
+    refused = []
+    for name in saved.to_dict():
+        given, old = getattr(cfg, name), getattr(saved, name)
+        if name in RESUME_MAY_CHANGE or name in ("resume", "warm_start") or given == old \
+                or given == getattr(default, name):
+            continue
+        if name == "out_dir" and os.path.abspath(given) == run_dir:
+            continue
+        refused.append(f"{name}={given!r} (the run has {old!r})")
+    if refused:
+        raise ValueError("resume: a resumed run keeps its settings; only "
+                         f"{', '.join(RESUME_MAY_CHANGE)} may change, got " + "; ".join(refused))
+    changes = {name: getattr(cfg, name) for name in RESUME_MAY_CHANGE}
+    if cfg.rl_steps == default.rl_steps:
+        changes["rl_steps"] = saved.rl_steps
+    done_rl = max(0, state["step"] - saved.sft_steps)
+    if changes["rl_steps"] < done_rl:
+        raise ValueError(f"rl_steps: the run being resumed has done {done_rl} RL steps already; "
+                         f"expected >= {done_rl}, got {changes['rl_steps']}")
+    return saved.replace(**changes, resume=cfg.resume, out_dir=run_dir)
+
+
+def check_warm_start(cfg: TrainConfig, state: dict) -> TrainConfig:
+    """A warm start is the end of the SFT phase of a run with the same seed and SFT settings.
+    Returns ``cfg`` with the warm start's actual SFT length (``sft_until`` may stop it early)."""
+    saved = TrainConfig.from_dict(state["config"])
+    if state["step"] != saved.sft_steps:
+        raise ValueError(f"warm_start: {cfg.warm_start!r} is at step {state['step']}, not at the "
+                         f"end of its SFT phase (step {saved.sft_steps}); make one with "
+                         "--rl-steps 0")
+    keys = WARM_START_KEYS + ("sft_until",)
+    if cfg.sft_until is not None:   # stopped early: sft_steps was the limit, not the length
+        keys = tuple(k for k in keys if k != "sft_steps")
+    differ = [f"{k}={getattr(cfg, k)!r} (warm start: {getattr(saved, k)!r})"
+              for k in keys if getattr(cfg, k) != getattr(saved, k)]
+    if cfg.sft_until is not None and saved.sft_steps > cfg.sft_steps:
+        differ.append(f"sft_steps={cfg.sft_steps} (warm start: {saved.sft_steps})")
+    if differ:
+        raise ValueError(f"warm_start: {cfg.warm_start!r} was made with other settings: "
+                         + "; ".join(differ))
+    return cfg.replace(sft_steps=saved.sft_steps)
 
 
 def make_optimizer(model, lr: float, cfg: TrainConfig):
@@ -77,15 +151,13 @@ def make_optimizer(model, lr: float, cfg: TrainConfig):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         validate(cfg)
-        self.resume_state = None
+        self.resume_state = self.warm_state = None
         if cfg.resume is not None:
             self.resume_state = load_checkpoint(cfg.resume)
-            saved = TrainConfig.from_dict(self.resume_state["config"])
-            # The run's identity comes from the checkpoint; only the length and UI may change.
-            # The run continues where its checkpoint lies (the directory may have been moved).
-            run_dir = os.path.dirname(os.path.abspath(checkpoint_path(cfg.resume)))
-            cfg = saved.replace(rl_steps=cfg.rl_steps, progress=cfg.progress, plot=cfg.plot,
-                                resume=cfg.resume, out_dir=run_dir)
+            cfg = resumed_config(cfg, self.resume_state)
+        elif cfg.warm_start is not None:
+            self.warm_state = load_checkpoint(cfg.warm_start, "warm_start")
+            cfg = check_warm_start(cfg, self.warm_state)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if cfg.threads:
@@ -104,10 +176,30 @@ class Trainer:
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.resume_state is not None:
             self._restore(self.resume_state)
+        elif self.warm_state is not None:
+            self._restore_warm_start(self.warm_state)
         self.log = MetricsLog(os.path.join(cfg.out_dir, LOG_NAME), keep_before=self.step)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        self._write_config()
         self.tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+
+    def _write_config(self) -> None:
+        with open(os.path.join(self.cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.cfg.to_dict(), f, indent=2)
+
+    def _sft_target_reached(self) -> bool:
+        """``sft_until``: every SFT_PROBE_EVERY steps, greedy accuracy on a fixed sample of the
+        training pool (never the held-out set). SFT's accuracy jumps after a plateau whose length
+        depends on the seed and on the CPU's rounding; stopping at a target accuracy rather than
+        a fixed step gives RL the same kind of warm start everywhere."""
+        if self.cfg.sft_until is None or self.step % SFT_PROBE_EVERY:
+            return False
+        problems = self.task.sample(random.Random(self.cfg.seed + 4), SFT_PROBE_PROBLEMS)
+        was_training = self.model.training
+        probe = evaluate(self.model, self.task, self.device, self.cfg, self.compute_dtype,
+                         problems=problems, prefix="probe")
+        self.model.train(was_training)
+        self.log.write({"step": self.step, "phase": "sft_probe", **probe})
+        return probe["probe_accuracy"] >= self.cfg.sft_until
 
     # -- checkpoints -------------------------------------------------------------------------
     def _restore(self, state: dict) -> None:
@@ -118,6 +210,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("ref_model") is not None:
             self.ref_model.load_state_dict(state["ref_model"])
+        restore_rng(state, self.data_rng)
+
+    def _restore_warm_start(self, state: dict) -> None:
+        """The model and RNG streams at the end of a finished SFT-only run of the same seed:
+        the run continues as if it had done that SFT phase itself."""
+        self.model.load_state_dict(state["model"])
+        self.step = self.cfg.sft_steps
         restore_rng(state, self.data_rng)
 
     def save(self) -> str:
@@ -144,22 +243,33 @@ class Trainer:
         self.log.write(record)
         return record
 
-    def _optimise(self, batch: Batch, loss_name: str) -> Dict:
-        """``updates_per_batch`` optimiser steps on one batch; the anchor stays fixed."""
-        loss_value, metrics, grad_norm, steps = 0.0, {}, 0.0, 0
-        for _ in range(self.cfg.updates_per_batch if self.step >= self.cfg.sft_steps else 1):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, metrics = compute_loss(loss_name, self.model, batch, self.cfg,
-                                         self.compute_dtype)
-            if loss is None:
-                break
-            loss.backward()
-            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-            self.optimizer.step()
-            loss_value, steps = float(loss.detach()), steps + 1
-        return {"loss": loss_value if steps else None, "grad_norm": grad_norm,
-                "updates": steps, "metrics": metrics}
+    def _optimise(self, batch: Batch, loss_name: str, passes: int = 1,
+                  mini_batches: int = 1) -> Dict:
+        """``passes`` passes over ``batch``, each split into ``mini_batches`` mini-batches of whole
+        groups with one optimiser step each (verl's ppo_epochs x ppo_mini_batch_size). The anchor
+        log-probs stay those of the rollout policy, so from the second step on the policy differs
+        from the anchor and GIFT's implicit reward is no longer identically zero."""
+        losses, metrics, norms, clip = [], {}, [], self.cfg.grad_clip
+        for _ in range(passes):
+            for part in split_groups(batch, mini_batches):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, metrics = compute_loss(loss_name, self.model, part, self.cfg,
+                                             self.compute_dtype)
+                if loss is None:
+                    continue
+                loss.backward()
+                norm = float(torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), clip if clip > 0 else float("inf")))
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+                norms.append(norm)
+        # grad_norm is the norm before clipping; grad_norm_clipped is the norm of the step taken.
+        return {"loss": float(np.mean(losses)) if losses else None,
+                "loss_first": losses[0] if losses else None,
+                "grad_norm": float(np.mean(norms)) if norms else 0.0,
+                "grad_norm_clipped": float(np.mean([min(n, clip) if clip > 0 else n
+                                                    for n in norms])) if norms else 0.0,
+                "updates": len(losses), "metrics": metrics}
 
     def _sft_step(self) -> Dict:
         problems = self.task.sample(self.data_rng, self.cfg.sft_batch)
@@ -181,21 +291,26 @@ class Trainer:
         anchor = self.ref_model if self.ref_model is not None else self.model
         batch.anchor_logps = policy_logprobs(anchor, batch, cfg.temperature, self.compute_dtype)
         batch.exact = exact
+        batch.no_eos = (responses != tok.eos_id).all(1).float().mean().item()
         return batch
 
     def _rl_step(self) -> Dict:
-        cfg = self.cfg
-        problems = self.task.sample(self.data_rng, cfg.prompts_per_step)
+        """One RL step: a rollout of fresh prompts, then the policy update on it."""
+        problems = self.task.sample(self.data_rng, self.cfg.prompts_per_step)
         batch = self._rollout(problems)
+        return self._rl_update(problems, batch)
+
+    def _rl_update(self, problems, batch: Batch) -> Dict:
+        cfg = self.cfg
         if cfg.loss in SUPERVISED:
             train_batch = gold_batch(self.task.gold_sequences(problems).to(self.device),
                                      PROMPT_LEN, self.tok.pad_id, self.tok.eos_id)
         else:
             train_batch = batch
-        out = self._optimise(train_batch, cfg.loss)
+        out = self._optimise(train_batch, cfg.loss, cfg.updates_per_batch, cfg.mini_batches)
         return {"phase": "rl", "rl_step": self.step - cfg.sft_steps,
                 "reward": batch.rewards.mean().item(), "accuracy": batch.exact.mean().item(),
-                "response_tokens": batch.n_tokens, **out,
+                "no_eos_frac": batch.no_eos, "response_tokens": batch.n_tokens, **out,
                 "_tokens": batch.sequences.numel() + train_batch.sequences.numel()}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -218,6 +333,12 @@ class Trainer:
                       "step_s": seconds, "peak_mem_mib": peak_memory_mib(self.device)}
             self.log.write(record)
             self.step += 1
+            if self.step < cfg.sft_steps and self._sft_target_reached():
+                # The warm start is good enough: RL starts now; sft_steps records where.
+                cfg.sft_steps = self.step
+                total = cfg.sft_steps + cfg.rl_steps
+                bar.total = total
+                self._write_config()
             if self.step == cfg.sft_steps:
                 self._start_rl()
             rl_step = self.step - cfg.sft_steps
@@ -259,6 +380,18 @@ class Trainer:
         return report
 
 
+def split_groups(batch: Batch, parts: int) -> List[Batch]:
+    """``batch`` cut into ``parts`` contiguous mini-batches of whole groups (sizes differ by at
+    most one group)."""
+    if parts <= 1:
+        return [batch]
+    g = max(batch.group_size, 1)
+    n_groups = batch.sequences.shape[0] // g
+    bounds = np.linspace(0, n_groups, min(parts, n_groups) + 1).round().astype(int)
+    return [batch.select(torch.arange(lo * g, hi * g, device=batch.sequences.device),
+                         batch.group_size) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def _postfix(record: Dict, last_eval: Optional[Dict]) -> Dict:
     out = {}
     if record.get("loss") is not None:
@@ -270,7 +403,7 @@ def _postfix(record: Dict, last_eval: Optional[Dict]) -> Dict:
     return out
 
 
-def summarise(records: List[Dict], window: int = 50) -> Dict:
+def summarise(records: List[Dict], window: int = 25) -> Dict:
     """Start vs end of the RL phase: mean sampled reward over the first and last ``window``
     steps, and held-out greedy accuracy at the start and the end of RL."""
     rl = [r for r in records if r.get("phase") == "rl"]
@@ -298,18 +431,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).run()
 
 
-def compare(cfg: TrainConfig, losses: List[str]) -> Dict[str, TrainResult]:
-    """Trains each loss on the same seeds (same warm start, same prompts), each in
-    ``<out_dir>/<loss>``, and plots them together in ``<out_dir>/compare.png``."""
-    from .plotting import plot_runs
-    base = cfg.out_dir or default_out_dir(cfg.replace(name=cfg.name or "compare-" + "-".join(losses)))
-    results = {}
-    for loss in losses:
-        results[loss] = train(cfg.replace(loss=loss, out_dir=os.path.join(base, loss),
-                                          resume=None))
-    plot = plot_runs({k: r.records for k, r in results.items()}, os.path.join(base, "compare.png"))
-    with open(os.path.join(base, "compare.json"), "w", encoding="utf-8") as f:
-        json.dump({k: r.summary for k, r in results.items()}, f, indent=2)
-    for r in results.values():
-        r.compare_plot = plot
-    return results
+def compare(cfg: TrainConfig, losses: List[str], seeds: Optional[List[int]] = None):
+    """Every loss from one shared warm start per seed (default: ``cfg.seed``); returns the
+    :class:`~gift_fast.train.study.StudyResult` (runs, table, plot). See study.py."""
+    from .study import run_study
+    return run_study(cfg, losses, seeds or [cfg.seed])

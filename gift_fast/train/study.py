@@ -1,0 +1,264 @@
+"""Several losses over several seeds from one shared warm start per seed (``--compare``,
+``--seeds``): the runs, the KL of each final policy to its warm start, a summary table and a plot
+with the mean and the min-max band over seeds of each loss."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .model import build_model
+from .rollout import Batch, generate, policy_logprobs, response_targets
+from .task import PROMPT_LEN, AdditionTask
+from .tokenizer import CharTokenizer
+
+WARM_START_DIR = "warmstart-s{seed}"
+RUN_DIR = "{loss}-s{seed}"
+KL_SAMPLES_PER_PROMPT = 4
+
+
+@dataclass
+class StudyResult:
+    out_dir: str
+    runs: Dict[str, Dict[int, "object"]]          # loss -> seed -> TrainResult
+    table: str                                    # markdown
+    summary: Dict = field(default_factory=dict)   # loss -> aggregated numbers
+    plot_path: Optional[str] = None
+
+
+def study_dir(cfg: TrainConfig, losses: Sequence[str]) -> str:
+    """``--out-dir``, else ``runs/<name or compare-...>-<timestamp>``: a second study never
+    overwrites the first."""
+    if cfg.out_dir:
+        return cfg.out_dir
+    from .trainer import unused_path
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return unused_path(os.path.join("runs", f"{cfg.name or 'compare-' + '-'.join(losses)}-{stamp}"))
+
+
+# Settings that do not change what a run computes: a finished run with other values is reused.
+_PRESENTATION = ("out_dir", "progress", "plot", "memory_report", "save_every", "name",
+                 "warm_start", "resume")
+
+
+def finished_run(cfg: TrainConfig, out_dir: str) -> Optional[List[Dict]]:
+    """The records of a finished run in ``out_dir`` made with the same settings as ``cfg``, else
+    None: an interrupted study (or seeds run as separate processes into one directory) resumes
+    without repeating finished runs."""
+    from .metrics import read_log
+    try:
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return None
+    want = cfg.to_dict()
+    for key in want:
+        if key in _PRESENTATION or (key == "sft_steps" and cfg.sft_until is not None):
+            continue
+        if saved.get(key) != want[key]:
+            return None
+    return read_log(os.path.join(out_dir, "metrics.jsonl"))
+
+
+def make_warm_start(cfg: TrainConfig, out_dir: str) -> str:
+    """The SFT phase alone (``rl_steps=0``), run once and shared by every loss of this seed."""
+    from .trainer import Trainer
+    cfg = cfg.replace(rl_steps=0, out_dir=out_dir, plot=False, memory_report=False,
+                      warm_start=None, resume=None)
+    if finished_run(cfg, out_dir) is not None and os.path.isfile(
+            os.path.join(out_dir, "checkpoint.pt")):
+        return out_dir
+    trainer = Trainer(cfg)
+    if cfg.sft_steps == 0:
+        trainer.save()  # no SFT: the warm start is the initial model of this seed
+    else:
+        trainer.run()
+    return out_dir
+
+
+@torch.no_grad()
+def kl_to_warm_start(run_dir: str, warm_dir: str, cfg: TrainConfig,
+                     samples_per_prompt: int = KL_SAMPLES_PER_PROMPT) -> float:
+    """Monte-Carlo KL(final || warm start) per response on the held-out prompts: responses
+    sampled from the final policy at the loss temperature, ``mean(sum_t log pi - log pi_0)``.
+    A forgetting measure: how far RL moved the policy from where it started."""
+    device = torch.device("cpu")
+    tok = CharTokenizer(cfg.vocab)
+    task = AdditionTask(tok, seed=cfg.seed, n_heldout=cfg.n_heldout)
+    models = []
+    for path in (run_dir, warm_dir):
+        model, dtype = build_model(cfg.model, cfg.vocab, tok.pad_id, tok.bos_id, tok.eos_id, device)
+        model.load_state_dict(load_checkpoint(path)["model"])
+        models.append(model.eval())
+    final, warm = models
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    state = torch.get_rng_state()
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    prompts = task.prompt_ids(task.heldout).repeat_interleave(samples_per_prompt, 0)
+    responses = generate(final, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
+                         eos_id=tok.eos_id, temperature=cfg.temperature)
+    torch.set_rng_state(state)  # leave the caller's RNG stream untouched
+    batch = Batch(torch.cat([prompts, responses], 1), response_targets(responses, tok.eos_id),
+                  PROMPT_LEN)
+    diff = (policy_logprobs(final, batch, cfg.temperature)
+            - policy_logprobs(warm, batch, cfg.temperature))
+    return float(diff.sum(1).mean())
+
+
+def run_summary(records: List[Dict], window: int) -> Dict:
+    """Per-run numbers the table aggregates: held-out accuracy at each evaluation, sampled
+    reward (mean over the ``window`` RL steps ending at each evaluation)."""
+    rl = [r for r in records if r.get("phase") == "rl"]
+    evals = [r for r in records if r.get("phase") == "eval"]
+    rewards = np.array([r["reward"] for r in rl])
+    out = {"eval_steps": [r["rl_step"] for r in evals],
+           "heldout_accuracy": [r["heldout_accuracy"] for r in evals],
+           "reward_at_eval": [float(rewards[max(0, s - window):s].mean()) if s > 0 else None
+                              for s in (r["rl_step"] for r in evals)]}
+    acc = out["heldout_accuracy"]
+    if acc:
+        out["accuracy_gain"] = max(acc[-3:]) - acc[0]   # best of the last three evals vs start
+    if len(rewards):
+        w = min(window, len(rewards))
+        out["reward_first"] = float(rewards[:w].mean())
+        out["reward_last"] = float(rewards[-w:].mean())
+        out["reward_gain"] = out["reward_last"] - out["reward_first"]
+    return out
+
+
+def steps_to_reach(summary: Dict, rise: float) -> Optional[int]:
+    """First RL step whose held-out accuracy is at least ``rise`` above the start of RL."""
+    acc, steps = summary["heldout_accuracy"], summary["eval_steps"]
+    for s, a in zip(steps[1:], acc[1:]):
+        if a >= acc[0] + rise:
+            return s
+    return None
+
+
+def _stats(values: Sequence[float]) -> str:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "n/a"
+    return f"{v.mean():.3f} [{v.min():.3f}, {v.max():.3f}]"
+
+
+def summary_table(per_run: Dict[str, Dict[int, Dict]], rise: float = 0.15) -> str:
+    """Markdown: per loss, the mean [min, max] over seeds of each number."""
+    any_run = next(iter(next(iter(per_run.values())).values()))
+    steps = any_run["eval_steps"]
+    fixed = sorted({steps[len(steps) // 3], steps[2 * len(steps) // 3], steps[-1]}) if steps else []
+    head = (["loss", "seeds", "held-out acc, RL start"]
+            + [f"held-out acc, step {s}" for s in fixed]
+            + [f"sampled reward, steps {max(0, s - (steps[1] - steps[0] if len(steps) > 1 else s))}"
+               f"-{s}" for s in fixed]
+            + ["acc gain (best of last 3 evals - start)", "sampled reward gain (last - first window)",
+               f"RL steps to +{rise:.2f} acc (per seed)", "KL(final || warm start), nats"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for loss, seeds in per_run.items():
+        runs = list(seeds.values())
+
+        def at(key, s):
+            return [r[key][r["eval_steps"].index(s)] if s in r["eval_steps"] else None
+                    for r in runs]
+        reach = [steps_to_reach(r, rise) for r in runs]
+        row = ([loss, ",".join(str(s) for s in seeds), _stats([r["heldout_accuracy"][0]
+                                                               for r in runs])]
+               + [_stats(at("heldout_accuracy", s)) for s in fixed]
+               + [_stats(at("reward_at_eval", s)) for s in fixed]
+               + [_stats([r.get("accuracy_gain") for r in runs]),
+                  _stats([r.get("reward_gain") for r in runs]),
+                  ", ".join("never" if x is None else str(x) for x in reach),
+                  _stats([r.get("kl_to_warm_start") for r in runs])])
+        rows.append("| " + " | ".join(row) + " |")
+    return "\n".join(rows)
+
+
+def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int = 10) -> str:
+    """Three panels over RL steps, one colour per loss: the mean over seeds and the min-max band
+    of the sampled reward (``window``-step running mean), the held-out greedy accuracy and the
+    held-out reward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .plotting import _smooth
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for loss, seeds in records.items():
+        curves = []
+        for key, ax_i, phase in (("reward", 0, "rl"), ("heldout_accuracy", 1, "eval"),
+                                 ("heldout_reward", 2, "eval")):
+            per_seed = []
+            for recs in seeds.values():
+                rows = [r for r in recs if r.get("phase") == phase]
+                x = [r["rl_step"] for r in rows]
+                y = [r[key] for r in rows]
+                per_seed.append((x, _smooth(y, window) if phase == "rl" else np.asarray(y)))
+            n = min(len(y) for _, y in per_seed)
+            x = per_seed[0][0][:n]
+            ys = np.stack([y[:n] for _, y in per_seed])
+            line, = axes[ax_i].plot(x, ys.mean(0), label=f"{loss} (mean of {len(ys)} seeds)",
+                                    marker="o" if phase == "eval" else None, markersize=3,
+                                    color=curves[0].get_color() if curves else None)
+            curves.append(line)
+            axes[ax_i].fill_between(x, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
+    titles = (f"sampled reward ({window}-step running mean)", "held-out greedy accuracy",
+              "held-out greedy reward")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title + "\nmean over seeds, band = min-max")
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_study(cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int]) -> StudyResult:
+    """For each seed: one warm start (SFT only), then every loss from it, each in
+    ``<out>/<loss>-s<seed>``; then ``compare.md`` (table), ``compare.json`` and ``compare.png``."""
+    from .trainer import train
+    base = study_dir(cfg, losses)
+    os.makedirs(base, exist_ok=True)
+    runs: Dict[str, Dict[int, object]] = {loss: {} for loss in losses}
+    per_run: Dict[str, Dict[int, Dict]] = {loss: {} for loss in losses}
+    for seed in seeds:
+        seed_cfg = cfg.replace(seed=seed, resume=None, name=None)
+        warm = make_warm_start(seed_cfg.replace(loss=losses[0]),
+                               os.path.join(base, WARM_START_DIR.format(seed=seed)))
+        for loss in losses:
+            run_cfg = seed_cfg.replace(loss=loss, warm_start=warm, plot=False,
+                                       out_dir=os.path.join(base, RUN_DIR.format(loss=loss,
+                                                                                 seed=seed)))
+            records = finished_run(run_cfg, run_cfg.out_dir)
+            if records is None:
+                result = train(run_cfg)
+            else:
+                from .trainer import LOG_NAME, TrainResult
+                result = TrainResult(run_cfg.out_dir, os.path.join(run_cfg.out_dir, LOG_NAME),
+                                     None, records)
+            s = run_summary(result.records, window=cfg.eval_every)
+            s["kl_to_warm_start"] = kl_to_warm_start(result.out_dir, warm, run_cfg)
+            s["train_s"] = float(sum(r.get("step_s", 0.0) for r in result.records))
+            runs[loss][seed], per_run[loss][seed] = result, s
+    table = summary_table(per_run)
+    aggregate = {loss: {str(seed): s for seed, s in seeds_.items()}
+                 for loss, seeds_ in per_run.items()}
+    with open(os.path.join(base, "compare.json"), "w", encoding="utf-8") as f:
+        json.dump(aggregate, f, indent=2)
+    with open(os.path.join(base, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    plot = None
+    if cfg.plot:
+        plot = plot_study({loss: {seed: r.records for seed, r in seeds_.items()}
+                           for loss, seeds_ in runs.items()}, os.path.join(base, "compare.png"))
+    return StudyResult(base, runs, table, aggregate, plot)
