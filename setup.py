@@ -20,6 +20,13 @@ setup(
                  "tqdm", "matplotlib", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel>=0.8", "cut-cross-entropy"],
         "train": ["transformers>=4.45", "tokenizers", "tqdm", "matplotlib"],
+        # GIFT in verl (gift_fast.integrations.verl); written against verl 0.9.1's API
+        "verl": ["verl>=0.9.1,<0.10", "transformers>=4.45"],
     },
-    entry_points={"console_scripts": ["gift-fast=gift_fast.cli:main"]},
+    entry_points={
+        "console_scripts": ["gift-fast=gift_fast.cli:main"],
+        # verl (0.9.1) imports every "verl.plugins" entry point on `import verl`, in every worker:
+        # this registers GIFT with verl's registries (gift_fast.integrations.verl.register).
+        "verl.plugins": ["gift_fast = gift_fast.integrations.verl"],
+    },
 )

@@ -143,18 +143,29 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
               group_size: Optional[int] = None, group_ids: Optional[torch.Tensor] = None,
               beta: float = 1.0, eps: float = 1e-6, std: str = "unbiased",
               detach_stats: bool = True, length_norm: float = 0.0,
-              drop_uniform_groups: bool = False, reduction: str = "mean") -> Tuple[torch.Tensor, Metrics]:
+              drop_uniform_groups: bool = False, reduction: str = "mean",
+              data_parallel_group=None) -> Tuple[torch.Tensor, Metrics]:
     """GIFT: ``L = (1/N_seq) sum_i (A_i - beta z_i)^2``.
 
     ``A`` standardises the rewards within each group, ``z`` the sequence log-ratios
     ``s_i = sum m (logp - anchor) / |y|^length_norm`` within each group (statistics detached unless
-    ``detach_stats=False``). A group of one has ``A = R`` and ``z = 0``.
+    ``detach_stats=False``). A group of one follows the authors' code (mean 0 and std 1 for the
+    rewards, the detached ``s`` and std 1 for the implicit rewards): ``A = R / (1 + eps)`` and
+    ``z = (s - stopgrad(s)) / (1 + eps)``, 0 in value but with gradient ``1 / (1 + eps)``, so the
+    sequence is still trained. A group whose rewards are all equal has ``A = 0`` exactly.
     ``drop_uniform_groups`` skips groups whose rewards are all equal (groups of one included): they
     add nothing to the loss or the normaliser. ``reduction="none"`` returns the per-sequence terms
     (zero for dropped sequences).
     Metrics: ``adv_mean`` (mean A), ``z_mean``, ``z_abs_mean``, ``implicit_std`` (mean over groups of
     the std of s), ``correlation`` (mean within-group Pearson correlation of s and R over groups
     where it is defined), ``uniform_reward_frac``, ``loss_groups`` (groups kept).
+
+    ``data_parallel_group``: a ``torch.distributed`` process group whose ranks each hold part of
+    the batch (in rank order). The group statistics (and ``N_seq``, and the metrics) are then those
+    of the whole batch, exactly: ``group_size`` counts consecutive sequences of the global order,
+    ``group_ids`` are global labels. Each rank's loss covers its own sequences, so the per-rank
+    losses sum to the single-process loss (DDP / FSDP2 average gradients: see
+    docs/distributed.md). Needs ``detach_stats=True`` when the group has more than one rank.
     """
     check_choice("std", std, STD_CHOICES)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -166,11 +177,17 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     if anchor_logps is None:
         raise ValueError("anchor_logps: required (log-probs of pi_old or pi_ref), got None")
     _per_seq("rewards", rewards, layout, logps)
-    grp, n_groups = group_index(layout.n_seq, group_size, group_ids, logps.device)
     r = rewards.detach().to(acc)
     s, _ = _seq_logratios(layout, active, lp, fl["anchor_logps"].detach(), length_norm)
+    n_local, offset = layout.n_seq, 0
+    if data_parallel_group is not None:    # from here on s, r, group_ids span the whole batch
+        from .distributed.data_parallel import gather_group_batch
+        s, r, group_ids, offset = gather_group_batch(s, r, group_ids, data_parallel_group,
+                                                     detach_stats)
+    n_seq = s.shape[0]
+    grp, n_groups = group_index(n_seq, group_size, group_ids, logps.device)
 
-    ones = torch.ones(layout.n_seq, dtype=acc, device=lp.device)
+    ones = torch.ones(n_seq, dtype=acc, device=lp.device)
     counts = group_sum(ones, grp, n_groups)
     single = (counts == 1).index_select(0, grp)                    # [B] sequence alone in its group
 
@@ -184,12 +201,13 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     r_mean, r_std = group_mean_std(r, grp, n_groups, counts, std)
     a = (r - r_mean.index_select(0, grp)) / (r_std.index_select(0, grp) + eps)
     a = torch.where(uniform, torch.zeros_like(a), a)             # exactly 0, no rounding noise
-    a = torch.where(single, r, a)
+    a = torch.where(single, r / (1 + eps), a)                      # authors: mean 0, std 1
 
     s_stat = s.detach() if detach_stats else s
     s_mean, s_std = group_mean_std(s_stat, grp, n_groups, counts, std)
     z = (s - s_mean.index_select(0, grp)) / (s_std.index_select(0, grp) + eps)
-    z = torch.where(single, torch.zeros_like(z), z)
+    # A group of one: detached mean s, std 1 (authors' code) -> 0 in value, gradient 1/(1+eps).
+    z = torch.where(single, (s - s.detach()) / (1 + eps), z)
 
     per = (a - beta * z) ** 2
     if drop_uniform_groups:
@@ -197,8 +215,8 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
         per = _masked(keep, per)
         n_kept = keep.to(acc).sum()
     else:
-        n_kept = layout.n_seq
-    loss = _reduce(per, reduction, n_kept)
+        n_kept = n_seq
+    loss = _reduce(per[offset:offset + n_local], reduction, n_kept)   # this rank's sequences
 
     with torch.no_grad():
         dr = r - r_mean.index_select(0, grp)

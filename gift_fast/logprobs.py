@@ -12,14 +12,15 @@ import torch
 from .backends import resolve_backend
 from .backends.reference import reference_linear_logprobs
 from .backends.torch_chunked import CHUNK_ELEMENTS, ChunkedLinearLogprobs, chunked_forward
-from .validation import check_linear_inputs
+from .validation import check_linear_inputs, check_target_range
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
                     softcap: Optional[float] = None, ignore_index: int = -100,
                     return_entropy: bool = False, return_argmax: bool = False,
-                    backend: str = "auto", reference_dtype: torch.dtype = torch.float32):
+                    backend: str = "auto", reference_dtype: torch.dtype = torch.float32,
+                    vocab_parallel_group=None, vocab_start_index: Optional[int] = None):
     """Log-probability of each target token under ``softmax(softcap(hidden @ weight.T + bias) / T)``.
 
     Args:
@@ -36,6 +37,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         backend: ``"auto"`` (triton on CUDA, torch otherwise), ``"triton"``, ``"torch"``
             (chunked), or ``"reference"`` (materialised logits; ``reference_dtype`` sets its
             precision, e.g. ``torch.float64`` for tests).
+        vocab_parallel_group: a ``torch.distributed`` process group over which the lm_head is
+            sharded along the vocabulary: ``weight`` (and ``bias``) are then this rank's contiguous
+            rows ``[start, start + weight.shape[0])``, shards in rank order unless
+            ``vocab_start_index`` gives this rank's ``start``; ``hidden`` and ``targets`` (global
+            ids) are the same on every rank. Results equal the single-device op on the full
+            weight; the weight gradient is the shard's own, the hidden gradient is all-reduced.
+            Every rank of the group must call the op (it runs collectives). ``torch`` and
+            ``triton`` backends only. See docs/distributed.md.
 
     Returns:
         ``logp`` ``[...]`` float32, or a tuple ``(logp, [entropy], [argmax])`` with the extra
@@ -44,9 +53,23 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Gradients flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. Under
     ``torch.no_grad()`` nothing is saved for backward.
     """
+    which = resolve_backend(backend, getattr(hidden, "device", torch.device("cpu")))
+    if vocab_parallel_group is not None:
+        from .distributed.vocab_parallel import shard_logprobs, vocab_shard
+        h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
+                                           ignore_index, check_targets=False)
+        shard = vocab_shard(vocab_parallel_group, weight.shape[0], h2.shape[0], h2.device,
+                            vocab_start_index, targets=t1)
+        check_target_range(t1, shard.vocab_size, ignore_index)
+        logp, entropy, argmax = shard_logprobs(
+            h2, weight, t1, bias, shard, group=vocab_parallel_group, backend=which,
+            temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+            want_entropy=return_entropy)
+        return _outputs(lead, logp, entropy, argmax, return_entropy, return_argmax)
+    if vocab_start_index is not None:
+        raise ValueError("vocab_start_index: only meaningful with vocab_parallel_group")
     h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
                                        ignore_index)
-    which = resolve_backend(backend, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if which == "reference":
@@ -67,6 +90,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         else:
             logp, entropy, argmax, _, _ = triton_forward(h2, weight, bias, t1, float(temperature),
                                                          softcap, ignore_index, return_entropy)
+    return _outputs(lead, logp, entropy, argmax, return_entropy, return_argmax)
+
+
+def _outputs(lead, logp, entropy, argmax, return_entropy: bool, return_argmax: bool):
     outputs = [logp.reshape(lead)]
     if return_entropy:
         outputs.append(entropy.reshape(lead))

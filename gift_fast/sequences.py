@@ -51,7 +51,7 @@ class Layout:
     def seq_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sequence sum of flat per-token values ``x [N]`` -> ``[B]``."""
         if self.padded:
-            return x.view(self.n_seq, -1).sum(1)
+            return x.view(self.n_seq, self.shape[1]).sum(1)
         out = torch.zeros(self.n_seq, dtype=x.dtype, device=x.device)
         return out.index_add(0, self.seq_index, x)
 

@@ -60,12 +60,60 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index):
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _is_dtensor(t) -> bool:
+    """isinstance(t, DTensor), importing torch.distributed.tensor only for tensor subclasses."""
+    if type(t) in _PLAIN_TENSOR_TYPES or not isinstance(t, torch.Tensor):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:      # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def check_not_dtensor(name: str, t) -> None:
+    """A sharded DTensor (FSDP2 / tensor parallel) must not reach the fused op.
+
+    Outside the root module's forward an FSDP2 parameter is a DTensor shard; reading it there (or
+    its ``full_tensor()``) bypasses FSDP2's gradient reduce-scatter and gives wrong gradients.
+    """
+    if t is not None and _is_dtensor(t):
+        raise TypeError(
+            f"{name}: got a DTensor (placements {tuple(t.placements)}), expected a plain tensor. "
+            "Under FSDP2 (fully_shard) call the fused loss inside the forward of the root FSDP "
+            "module, where the lm_head weight is unsharded: wrap the model in "
+            "gift_fast.distributed.FusedLossModel (or a patched forward) and shard it with "
+            "fully_shard without giving lm_head its own fully_shard; never pass "
+            "lm_head.weight, its full_tensor() or an unshard()-ed copy from outside that forward "
+            "(FSDP2 would not reduce its gradient). See docs/distributed.md")
+
+
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every target is ``ignore_index`` or in [0, vocab_size) (one host sync, skipped in capture)."""
+    if targets.numel() and not _capturing(targets):
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+        if bool(bad.any()):
+            first = int(targets[bad][0])
+            raise ValueError(f"targets: expected values in [0, {vocab_size}) or "
+                             f"ignore_index={ignore_index}, found {first}")
+
+
+def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                        check_targets: bool = True):
     """Validates the inputs of the fused linear log-prob op and flattens them.
+
+    ``check_targets=False`` leaves the target range to the caller (a vocabulary shard's caller
+    checks against the global vocabulary with :func:`check_target_range`).
 
     Returns ``(hidden_2d [N, H], targets_1d [N], leading_shape)``. The flattening is a view when the
     input allows it; non-contiguous inputs are accepted (the backends copy only what they must).
     """
+    check_not_dtensor("hidden", hidden)
+    check_not_dtensor("weight", weight)
+    check_not_dtensor("bias", bias)
     check_float("hidden", hidden)
     check_float("weight", weight)
     if not isinstance(targets, torch.Tensor):
@@ -96,10 +144,6 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ign
         check_positive("softcap", softcap)
     h2 = hidden.reshape(-1, H)
     t1 = targets.reshape(-1)
-    if t1.numel() and not _capturing(t1):
-        bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= V))
-        if bool(bad.any()):
-            first = int(t1[bad][0])
-            raise ValueError(
-                f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, found {first}")
+    if check_targets:
+        check_target_range(t1, V, ignore_index)
     return h2, t1, lead

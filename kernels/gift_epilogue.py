@@ -10,8 +10,11 @@ For group g (sequences i in [group_ptr[g], group_ptr[g+1]), rows of i in [cu[i],
     dL/ds_i = -2 beta (A_i - beta z_i) / (std s + eps)             (before the 1/N_seq of "mean")
     dL/dlogp_n = m_n dL/ds_i / max(|y_i|, 1)^p
 
-A group of one has A = R, z = 0 and no gradient; with DROP_UNIFORM, groups whose rewards are all
-equal add nothing. Everything is summed in a fixed order, so the result is deterministic.
+A group of one follows the authors' code: reward mean 0 and std 1, implicit mean the detached s
+and std 1, so A = R / (1 + eps), z = 0 and dL/ds = -2 beta A / (1 + eps). A group whose rewards
+are all equal (and has more than one sequence) has A = 0 exactly. With DROP_UNIFORM, groups whose
+rewards are all equal (groups of one included) add nothing. Everything is summed in a fixed order,
+so the result is deterministic.
 """
 import torch
 import triton
@@ -78,15 +81,18 @@ def _gift_epilogue_kernel(
     single = n_seq == 1
     r_mean, r_std, dr = _group_mean_std(r, in_group, n, UNBIASED)
     s_mean, s_std, ds = _group_mean_std(s, in_group, n, UNBIASED)
-    a = tl.where(uniform, 0.0, dr / (r_std + eps))
-    a = tl.where(single, r, a)
-    z = tl.where(single, 0.0, ds / (s_std + eps))
+    # A group of one: the authors' constants (mean 0 / detached s, std 1) replace the statistics.
+    r_scale = tl.where(single, 1.0, r_std) + eps
+    s_scale = tl.where(single, 1.0, s_std) + eps
+    a = tl.where(uniform, 0.0, dr / r_scale)
+    a = tl.where(single, r / r_scale, a)
+    z = tl.where(single, 0.0, ds / s_scale)
     resid = tl.where(in_group, a - beta * z, 0.0)
     keep = 1.0
     if DROP_UNIFORM:
         keep = 1.0 - uniform.to(tl.float32)
     err = tl.sum(resid * resid, axis=0) * keep
-    coef = tl.where(single, 0.0, -2.0 * beta * resid / (s_std + eps)) * keep / norm
+    coef = -2.0 * beta * resid / s_scale * keep / norm
 
     tl.store(S_OUT + seq, s, mask=in_group)
     tl.store(A_OUT + seq, a, mask=in_group)

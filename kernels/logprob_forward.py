@@ -129,8 +129,8 @@ def forward_config(V: int, H: int, interpreted: bool) -> dict:
 
 @triton.jit
 def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
-                    LSE, ZY, ENT, ARGMAX, N, n_split,
-                    WANT_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+                    LSE, ZY, ENT, ARGMAX, ROW_MAX, N, n_split,
+                    WANT_ENTROPY: tl.constexpr, WANT_ROW_MAX: tl.constexpr, BLOCK: tl.constexpr):
     """Merges the vocabulary slices of each row in a fixed sequential order (batch-invariant;
     a torch reduction over the slice axis could change its order with N)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -163,13 +163,18 @@ def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
     tl.store(LSE + rows64, m + log_s, mask=mask)
     tl.store(ZY + rows64, zy, mask=mask)
     tl.store(ARGMAX + rows64, arg.to(tl.int64), mask=mask)
+    if WANT_ROW_MAX:
+        tl.store(ROW_MAX + rows64, best, mask=mask)
     if WANT_ENTROPY:
         tl.store(ENT + rows64, log_s - t / tl.where(mask, s, 1.0), mask=mask)
 
 
-def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None):
+def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None,
+                          row_max=None):
     """Launches the forward kernel. x [N, H], w [V, H], targets [N] (ignored rows: any value
-    outside [0, V)). Returns float32 (lse, target_logit, entropy or None, argmax int64)."""
+    outside [0, V)). Returns float32 (lse, target_logit, entropy or None, argmax int64).
+    ``row_max``: optional float32 [N] output, filled with each row's max logit (the value at
+    argmax; used to break argmax ties across vocabulary shards)."""
     N, H = x.shape
     V = w.shape[0]
     interpreted = not x.is_cuda
@@ -197,5 +202,6 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     block = 128
     _combine_kernel[(triton.cdiv(N, block),)](
         m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,
-        N, n_split, WANT_ENTROPY=want_entropy, BLOCK=block)
+        row_max if row_max is not None else lse,
+        N, n_split, WANT_ENTROPY=want_entropy, WANT_ROW_MAX=row_max is not None, BLOCK=block)
     return lse, target_logit, entropy, argmax

@@ -86,8 +86,10 @@ def gift(seqs, anchors, rewards, groups, beta=1.0, eps=1e-6, unbiased=True, deta
         if drop_uniform and max(R) == min(R):
             continue
         if len(g) == 1:
-            A = [R[0]]
-            z = [s[g[0]] * 0]
+            # spec 1.1-1.2 (authors' code): reward mean 0 / std 1; implicit mean stopgrad(s), std 1
+            x = s[g[0]]
+            A = [R[0] / (1 + eps)]
+            z = [(x - x.detach()) / (1 + eps)]
         else:
             mR, sR = _mean(R), float(_std([torch.tensor(x, dtype=F64) for x in R], unbiased))
             A = [(x - mR) / (sR + eps) for x in R]

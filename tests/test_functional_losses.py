@@ -124,10 +124,21 @@ def test_gift_zero_implicit_spread_first_step():
 def test_gift_group_of_one_and_empty_responses():
     B, T = 5, 4
     logps, anchor, mask, rewards = make_batch(B, T, seed=5, empty=(0, 3))
-    ours, m = Fn.gift_loss(logps, anchor, rewards, mask=mask, group_size=1)
-    # G = 1: A = R, z = 0 -> loss = mean R^2, no gradient
-    torch.testing.assert_close(ours, (rewards ** 2).mean(), **TOL64)
-    assert grads(ours, logps).abs().max() == 0
+    eps, beta = 1e-6, 0.7
+    ours, m = Fn.gift_loss(logps, anchor, rewards, mask=mask, group_size=1, beta=beta, eps=eps)
+    # G = 1 (authors' code): A = R/(1+eps), z = (s - sg(s))/(1+eps) = 0 with gradient 1/(1+eps)
+    A = rewards / (1 + eps)
+    torch.testing.assert_close(ours, (A ** 2).mean(), **TOL64)
+    assert m["z_abs_mean"].item() == 0.0
+    expect = (-2 * beta * A / (B * (1 + eps)))[:, None] * mask
+    torch.testing.assert_close(grads(ours, logps), expect, **TOL64)
+    assert grads(ours, logps)[1].abs().min() > 0              # the sequence is trained
+    check_pair(ours, R.gift(R.split_padded(logps, mask), R.split_padded(anchor, mask), rewards,
+                            R.groups_of(B, 1), beta=beta, eps=eps), logps)
+    for detach in (True, False):                             # G = 1 stats are constants either way
+        o, _ = Fn.gift_loss(logps, anchor, rewards, mask=mask, group_size=1, beta=beta, eps=eps,
+                            detach_stats=detach)
+        torch.testing.assert_close(grads(o, logps), expect, **TOL64)
     ours2, _ = Fn.gift_loss(logps, anchor, rewards, mask=mask, group_ids=torch.tensor([0, 1, 1, 2, 2]))
     ref2 = R.gift(R.split_padded(logps, mask), R.split_padded(anchor, mask), rewards,
                   R.groups_of(B, group_ids=[0, 1, 1, 2, 2]))

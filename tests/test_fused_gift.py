@@ -76,9 +76,19 @@ def test_fused_gift_zero_spread_first_step_is_exactly_zero_residual():
 
 
 def test_fused_gift_skips_rows_without_gradient():
-    """Prompt rows, the empty response and groups of one get exactly zero hidden gradient."""
+    """Prompt rows and the empty response get exactly zero hidden gradient."""
     hidden, weight, targets, anchor, rewards = _inputs(8, 7, 24, 70, seed=5)
     _, d_hidden, _, _ = _run("fused", hidden, weight, targets, anchor, rewards, 4)
     assert torch.all(d_hidden[:, :2] == 0) and torch.all(d_hidden[3] == 0)
-    _, d_hidden1, d_weight1, _ = _run("fused", hidden, weight, targets, anchor, rewards, 1)
-    assert torch.all(d_hidden1 == 0) and torch.all(d_weight1 == 0)
+
+
+def test_fused_gift_groups_of_one_are_trained():
+    """G = 1 (authors' code): A = R/(1+eps), z = 0 in value, gradient 1/(1+eps) flows."""
+    hidden, weight, targets, anchor, rewards = _inputs(8, 7, 24, 70, seed=5)
+    loss, d_hidden, d_weight, metrics = _run("fused", hidden, weight, targets, anchor, rewards, 1)
+    eps = 1e-6
+    torch.testing.assert_close(loss, ((rewards / (1 + eps)) ** 2).mean())
+    assert float(metrics["z_abs_mean"]) == 0.0
+    assert torch.all(d_hidden[:, :2] == 0) and torch.all(d_hidden[3] == 0)
+    live = [i for i in range(8) if i != 3]
+    assert torch.all(d_hidden[live, 2:].abs().sum(-1) > 0) and d_weight.abs().max() > 0

@@ -146,7 +146,9 @@ def test_fused_single_sequence_groups_and_odd_shapes():
     # N = 1 sequence of one token, G = 1
     h, w, b, t, an, r = _data(1, 1, torch.float32, 3, p_ignore=0.0)
     loss, m = gf.gift_loss(h.requires_grad_(True), w, t, an, r, group_size=1, backend="torch")
-    torch.testing.assert_close(loss, r[0] ** 2)
+    torch.testing.assert_close(loss, (r[0] / (1 + 1e-6)) ** 2)
+    loss.backward()
+    assert h.grad.abs().max() > 0                       # a group of one is trained (authors' code)
     for fn in (lambda: gf.dft_loss(h, w, t, backend="torch"),
                lambda: gf.fdiv_sft_loss(h, w, t, backend="torch"),
                lambda: gf.ift_loss(h, w, t, backend="torch")):

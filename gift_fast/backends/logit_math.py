@@ -32,7 +32,7 @@ def grad_raw_from_grad_z(dz: torch.Tensor, z: torch.Tensor, softcap: Optional[fl
 
 def grad_z(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor,
            e: Optional[torch.Tensor], entropy: Optional[torch.Tensor]) -> torch.Tensor:
-    """d(sum_n g_n * logp_n + e_n * H_n) / dz for rows with valid targets.
+    """d(sum_n g_n * logp_n + e_n * H_n) / dz for live rows (targets outside [0, V): no one-hot).
 
     dlogp/dz_v = 1[v = y] - p_v;  dH/dz_v = -p_v (z_v - E_p[z]) with E_p[z] = lse - H.
     """
@@ -42,5 +42,7 @@ def grad_z(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.T
         dz = p * (-(g[:, None]) - e[:, None] * (z - mean_z))
     else:
         dz = p * (-g[:, None])
-    dz.scatter_add_(1, targets[:, None], g[:, None])
+    # A target outside [0, V) (not in this vocabulary shard) has no one-hot term.
+    hit = (targets >= 0) & (targets < z.shape[1])
+    dz.scatter_add_(1, torch.where(hit, targets, 0)[:, None], torch.where(hit, g, 0.0)[:, None])
     return dz

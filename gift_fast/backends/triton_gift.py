@@ -3,7 +3,7 @@
 The forward kernel gives per-row log-probs (and the lse saved for backward); the epilogue kernel
 (``gift_fast.kernels.gift_epilogue``) turns them into the loss and dL/dlogp per row in one launch;
 the backward multiplies by grad_output and runs the shared Triton backward, which skips every
-row with zero gradient (prompt tokens, padding, single-sequence and dropped groups).
+row with zero gradient (prompt tokens, padding, dropped groups).
 
 Handles consecutive groups, detached statistics and "mean"/"sum" reductions; ``gift_loss``
 falls back to the composed path (linear_logprobs + functional epilogue) otherwise.
