@@ -139,8 +139,9 @@ def wrap(model: nn.Module, parallel: Optional[DataParallel], device: torch.devic
         return root
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None
-    # Buffers (rotary tables) are equal on every rank; parameters are broadcast from rank 0 here.
-    return DDP(root, device_ids=ids, broadcast_buffers=False, process_group=parallel.group)
+    # Parameters and buffers are broadcast from rank 0 here; the buffers (rotary tables) never
+    # change, so they are not re-synchronised before every forward.
+    return DDP(root, device_ids=ids, forward_sync_buffers=False, process_group=parallel.group)
 
 
 def data_parallel_loss(root: nn.Module, name: str, batch: Batch, cfg, compute_dtype,
