@@ -188,7 +188,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.nproc == 0:
         train_parser.error("--nproc: expected >= 1, got 0")
     if (losses or seeds) and (world > 1 or (args.nproc or 1) > 1):
-        train_parser.error("--nproc: --compare and --seeds run in one process; drop --nproc / torchrun")
+        train_parser.error("--nproc: --compare and --seeds run in one process; "
+                           "drop --nproc / torchrun")
     if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(train_parser, cfg, args.nproc,
                                 sys.argv[1:] if argv is None else list(argv))

@@ -107,6 +107,23 @@ def test_cli_nproc_launches_torchrun(monkeypatch):
                       "4", "--no-progress"]]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "3", "--prompts-per-step", "8"],
+     "--prompts-per-step: expected a multiple of --nproc (3), got 8"),
+    (["--nproc", "2", "--sft-batch", "7"], "--sft-batch: expected a multiple of --nproc (2), got 7"),
+    (["--nproc", "2", "--compare", "gift,grpo"], "--compare and --seeds run in one process"),
+    (["--nproc", "0"], "--nproc: expected >= 1, got 0"),
+])
+def test_cli_nproc_bad_arguments(argv, message, capsys, monkeypatch):
+    from gift_fast.cli import main
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *argv, "--no-progress"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_each_rank_has_its_own_streams():
     rank0 = dp.seed_rank_streams(5, dp.DataParallel(0, 2))
     assert rank0.random() == __import__("random").Random(6).random()  # rank 0 = one process

@@ -127,7 +127,7 @@ class LossRoot(nn.Module):
 
     def forward(self, name: str, batch: Batch, cfg, compute_dtype, data_parallel_group=None,
                 empty: bool = False):
-        if empty:   # this rank has nothing for the loss, others do: a zero that reaches every weight
+        if empty:   # nothing for the loss here, something elsewhere: a zero reaching every weight
             return sum(p.sum() for p in self.model.parameters()) * 0.0, {}
         return compute_loss(name, self.model, batch, cfg, compute_dtype,
                             data_parallel_group=data_parallel_group)
