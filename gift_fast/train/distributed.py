@@ -54,8 +54,9 @@ class DataParallel:
 
 def from_environment(device: torch.device) -> Optional[DataParallel]:
     """The data-parallel run this process belongs to: ``None`` for one process; under ``torchrun``
-    (``WORLD_SIZE`` > 1) it joins the process group (nccl on CUDA, gloo on CPU), unless one is
-    already initialised."""
+    (``WORLD_SIZE`` > 1) it joins the process group (nccl for CUDA tensors and gloo for CPU ones
+    on CUDA, gloo on CPU), unless one is already initialised (on CUDA it then needs a backend for
+    CPU tensors as well, e.g. ``"cpu:gloo,cuda:nccl"``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() == 1:
@@ -63,7 +64,9 @@ def from_environment(device: torch.device) -> Optional[DataParallel]:
         return DataParallel(dist.get_rank(), dist.get_world_size())
     if world <= 1:
         return None
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # On CUDA the loss's collectives run on nccl; the trainer's few CPU ones (item counts,
+    # evaluation sums, metric records) on gloo.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
     return DataParallel(dist.get_rank(), dist.get_world_size(), owns_group=True)
 
