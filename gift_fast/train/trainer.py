@@ -354,8 +354,7 @@ class Trainer:
         total = cfg.sft_steps + cfg.rl_steps
         start_time = time.perf_counter()
         bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc=cfg.loss,
-                   dynamic_ncols=True)
+                   desc=cfg.loss, dynamic_ncols=True)
         if self.step == cfg.sft_steps and self.step < total and self.resume_state is None:
             self._start_rl()  # no warm start at all
         last_eval = None
