@@ -128,6 +128,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--threads", type=_positive_int, default=None,
                      help="torch CPU threads (unset: torch's default); results differ in the last "
                           "bits between thread counts")
+    out.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                     help="data-parallel over N processes: launches torchrun --standalone "
+                          "--nproc-per-node N (the same as running this command under torchrun); "
+                          "--prompts-per-step and --sft-batch are the totals over all processes")
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {k: v for k, v in vars(args).items()
-              if k not in ("command", "compare", "seeds", "no_progress", "no_plot")}
+              if k not in ("command", "compare", "seeds", "no_progress", "no_plot", "nproc")}
     if fields.get("sft_until") == 0:
         fields["sft_until"] = None    # --sft-until 0: always run --sft-steps
     return TrainConfig(**fields, progress=not args.no_progress, plot=not args.no_plot)
@@ -180,6 +184,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 validate(cfg.replace(loss=loss, seed=seed))
     except ValueError as exc:  # "field: expected ..." -> "--field: expected ..."
         train_parser.error(_flag_message(str(exc)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc == 0:
+        train_parser.error("--nproc: expected >= 1, got 0")
+    if (losses or seeds) and (world > 1 or (args.nproc or 1) > 1):
+        train_parser.error("--nproc: --compare and --seeds run in one process; "
+                           "drop --nproc / torchrun")
+    if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(train_parser, cfg, args.nproc,
+                                sys.argv[1:] if argv is None else list(argv))
+    is_main = int(os.environ.get("RANK", "0")) == 0
 
     try:
         if losses or seeds:
@@ -193,6 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             from .train.trainer import train
             result = train(cfg)
+            if not is_main:
+                return 0
             print(_summary_line(cfg.loss, result.summary))
             if "memory" in result.summary:
                 print(result.summary["memory"])
@@ -202,6 +218,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         train_parser.error(_flag_message(str(exc)))
     return 0
+
+
+def _launch_torchrun(parser, cfg: TrainConfig, nproc: int, argv: List[str]) -> int:
+    """``--nproc N``: the same command under ``torchrun --standalone --nproc-per-node N`` (each
+    process sees ``WORLD_SIZE`` and trains its share; see gift_fast/train/distributed.py)."""
+    import subprocess
+    for name in ("prompts_per_step", "sft_batch"):
+        if getattr(cfg, name) % nproc:
+            parser.error(f"--{name.replace('_', '-')}: expected a multiple of --nproc ({nproc}), "
+                         f"got {getattr(cfg, name)}")
+    if cfg.resume:
+        parser.error("--resume: resuming a multi-process run is not supported; resume with one process")
+    # Without --nproc (torchrun would read it as an abbreviation of its own --nproc-per-node).
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "gift_fast.cli", *rest]
+    return subprocess.call(command)
 
 
 def _flag_message(message: str) -> str:

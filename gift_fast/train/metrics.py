@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import resource
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -23,11 +23,15 @@ def read_log(path: str) -> List[Dict]:
 
 class MetricsLog:
     """Appends one JSON object per line; on resume keeps only the records before ``keep_before``
-    so the log reads as one uninterrupted run."""
+    so the log reads as one uninterrupted run. ``path=None`` keeps the records in memory only
+    (the ranks > 0 of a data-parallel run)."""
 
-    def __init__(self, path: str, keep_before: int = 0):
+    def __init__(self, path: Optional[str], keep_before: int = 0):
         self.path = path
         kept = []
+        if path is None:
+            self.records: List[Dict] = kept
+            return
         if keep_before > 0 and os.path.exists(path):
             # An eval record's step counts the steps completed before it, a training record's
             # step is its own index: both belong to the part of the run the checkpoint holds.
@@ -40,5 +44,7 @@ class MetricsLog:
 
     def write(self, record: Dict) -> None:
         self.records.append(record)
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

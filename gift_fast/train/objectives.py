@@ -64,10 +64,11 @@ def best_worst_pairs(batch: Batch) -> torch.Tensor:
     return torch.cat([(base + best)[keep], (base + worst)[keep]])
 
 
-def compute_loss(name: str, model, batch: Batch, cfg, compute_dtype=torch.float32
-                 ) -> Tuple[torch.Tensor, Dict[str, float]]:
+def compute_loss(name: str, model, batch: Batch, cfg, compute_dtype=torch.float32,
+                 data_parallel_group=None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Loss and its metrics for one (mini-)batch. Returns ``(None, {})`` when the batch holds no
-    signal for this loss (DPO with all-tie groups)."""
+    signal for this loss (DPO with all-tie groups). ``data_parallel_group``: GIFT only, this
+    rank's share of the loss of the batch spread over the group (see train/distributed.py)."""
     weight = head_weight(model, compute_dtype)
     if name == "dpo":
         index = best_worst_pairs(batch)
@@ -77,10 +78,12 @@ def compute_loss(name: str, model, batch: Batch, cfg, compute_dtype=torch.float3
     if name == "ift":
         return _ift(model, batch, cfg, weight, compute_dtype)
     hidden = response_hidden(model, batch, compute_dtype)
-    return loss_from_hidden(name, hidden, weight, batch, cfg)
+    return loss_from_hidden(name, hidden, weight, batch, cfg,
+                            data_parallel_group=data_parallel_group)
 
 
-def loss_from_hidden(name: str, hidden, weight, batch: Batch, cfg, backend: str = "auto"):
+def loss_from_hidden(name: str, hidden, weight, batch: Batch, cfg, backend: str = "auto",
+                     data_parallel_group=None):
     """The library call for loss ``name`` on response hidden states ``[B, L, H]`` (not IFT,
     whose inputs depend on the model; DPO expects the already-paired batch)."""
     T = cfg.temperature
@@ -89,7 +92,8 @@ def loss_from_hidden(name: str, hidden, weight, batch: Batch, cfg, backend: str 
     t = batch.targets
     if name == "gift":
         loss, m = _library("gift_loss")(hidden, weight, t, batch.anchor_logps, batch.rewards,
-                                        group_size=batch.group_size, **common, **beta)
+                                        group_size=batch.group_size,
+                                        data_parallel_group=data_parallel_group, **common, **beta)
     elif name == "grpo":
         adv = _library("group_advantages")(batch.rewards, batch.group_size)
         loss, m = _library("grpo_loss")(hidden, weight, t, batch.anchor_logps, adv,

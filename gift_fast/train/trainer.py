@@ -20,9 +20,10 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_path, load_checkpoint, restore_rng,
                          save_checkpoint)
 from .config import TrainConfig, validate
+from . import distributed as dp
 from .metrics import MetricsLog, peak_memory_mib
 from .model import build_model
-from .objectives import SUPERVISED, compute_loss
+from .objectives import SUPERVISED
 from .rollout import Batch, generate, gold_batch, policy_logprobs, response_targets
 from .task import PROMPT_LEN, AdditionTask
 from .tokenizer import CharTokenizer
@@ -71,15 +72,23 @@ def unused_path(path: str) -> str:
 
 @torch.no_grad()
 def evaluate(model, task: AdditionTask, device, cfg: TrainConfig, compute_dtype,
-             problems=None, prefix: str = "heldout") -> Dict:
-    """Greedy accuracy and reward on the held-out problems (or on ``problems``)."""
+             problems=None, prefix: str = "heldout", parallel=None) -> Dict:
+    """Greedy accuracy and reward on the held-out problems (or on ``problems``). Data-parallel:
+    rank r decodes problems r, r + W, ... and the sums are all-reduced (the same on every rank)."""
     tok = task.tokenizer
     problems = task.heldout if problems is None else problems
-    prompts = task.prompt_ids(problems).to(device)
-    responses = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
-                         eos_id=tok.eos_id, sample=False, compute_dtype=compute_dtype)
-    rewards, exact = task.score(problems, responses.cpu())
-    return {f"{prefix}_accuracy": exact.mean().item(), f"{prefix}_reward": rewards.mean().item()}
+    n = len(problems)
+    if parallel is not None:
+        problems = problems[parallel.rank::parallel.world]
+    sums = [0.0, 0.0]
+    if problems:
+        prompts = task.prompt_ids(problems).to(device)
+        responses = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
+                             eos_id=tok.eos_id, sample=False, compute_dtype=compute_dtype)
+        rewards, exact = task.score(problems, responses.cpu())
+        sums = [exact.sum().item(), rewards.sum().item()]
+    exact_sum, reward_sum = dp.all_reduce_sums(sums, parallel)
+    return {f"{prefix}_accuracy": exact_sum / n, f"{prefix}_reward": reward_sum / n}
 
 
 SFT_PROBE_PROBLEMS, SFT_PROBE_EVERY = 256, 50
@@ -149,8 +158,18 @@ def make_optimizer(model, lr: float, cfg: TrainConfig):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """One training run; ``parallel`` (train/distributed.py) makes it one rank of a data-parallel
+    run: this rank's share of every batch, DDP, metrics reduced, files written by rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig, parallel: Optional[dp.DataParallel] = None):
         validate(cfg)
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
+        self.sft_batch = dp.per_rank(cfg.sft_batch, "sft_batch", parallel)
+        self.prompts_per_step = dp.per_rank(cfg.prompts_per_step, "prompts_per_step", parallel)
+        if parallel is not None and cfg.resume is not None:
+            raise ValueError("resume: resuming a multi-process run is not supported (the checkpoint "
+                             "holds rank 0's random streams only); resume it with one process")
         self.resume_state = self.warm_state = None
         if cfg.resume is not None:
             self.resume_state = load_checkpoint(cfg.resume)
@@ -159,30 +178,37 @@ class Trainer:
             self.warm_state = load_checkpoint(cfg.warm_start, "warm_start")
             cfg = check_warm_start(cfg, self.warm_state)
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = dp.local_device(resolve_device(cfg.device), parallel)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        self.data_rng = random.Random(cfg.seed + 1)
         self.tok = CharTokenizer(cfg.vocab)
         self.task = AdditionTask(self.tok, seed=cfg.seed, n_heldout=cfg.n_heldout)
         self.model, self.compute_dtype = build_model(
             cfg.model, cfg.vocab, self.tok.pad_id, self.tok.bos_id, self.tok.eos_id, self.device)
         self.model.train()
+        # Same initial weights everywhere; then each rank its own prompt and sampling streams.
+        self.data_rng = dp.seed_rank_streams(cfg.seed, parallel)
+        self.loss_root = dp.wrap(self.model, parallel, self.device)
         self.ref_model = None
         self.step = 0
         self.optimizer = make_optimizer(self.model, cfg.sft_lr if cfg.sft_steps else cfg.lr, cfg)
-        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        cfg.out_dir = dp.broadcast_object(cfg.out_dir or default_out_dir(cfg), parallel)
+        if self.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
         if self.resume_state is not None:
             self._restore(self.resume_state)
         elif self.warm_state is not None:
             self._restore_warm_start(self.warm_state)
-        self.log = MetricsLog(os.path.join(cfg.out_dir, LOG_NAME), keep_before=self.step)
+        self.log = MetricsLog(os.path.join(cfg.out_dir, LOG_NAME) if self.is_main else None,
+                              keep_before=self.step)
         self._write_config()
-        self.tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+        if self.is_main:
+            self.tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
 
     def _write_config(self) -> None:
+        if not self.is_main:
+            return
         with open(os.path.join(self.cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(self.cfg.to_dict(), f, indent=2)
 
@@ -196,7 +222,7 @@ class Trainer:
         problems = self.task.sample(random.Random(self.cfg.seed + 4), SFT_PROBE_PROBLEMS)
         was_training = self.model.training
         probe = evaluate(self.model, self.task, self.device, self.cfg, self.compute_dtype,
-                         problems=problems, prefix="probe")
+                         problems=problems, prefix="probe", parallel=self.parallel)
         self.model.train(was_training)
         self.log.write({"step": self.step, "phase": "sft_probe", **probe})
         return probe["probe_accuracy"] >= self.cfg.sft_until
@@ -214,12 +240,16 @@ class Trainer:
 
     def _restore_warm_start(self, state: dict) -> None:
         """The model and RNG streams at the end of a finished SFT-only run of the same seed:
-        the run continues as if it had done that SFT phase itself."""
+        the run continues as if it had done that SFT phase itself. Data-parallel: the weights
+        only; every rank keeps its own fresh streams (the checkpoint holds one process's)."""
         self.model.load_state_dict(state["model"])
         self.step = self.cfg.sft_steps
-        restore_rng(state, self.data_rng)
+        if self.parallel is None:
+            restore_rng(state, self.data_rng)
 
-    def save(self) -> str:
+    def save(self) -> Optional[str]:
+        if not self.is_main:   # the weights are the same on every rank
+            return None
         path = os.path.join(self.cfg.out_dir, CHECKPOINT_NAME)
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, step=self.step,
                         config=self.cfg.to_dict(), data_rng=self.data_rng,
@@ -239,7 +269,8 @@ class Trainer:
     def _eval(self) -> Dict:
         rl_step = self.step - self.cfg.sft_steps
         record = {"step": self.step, "phase": "eval", "rl_step": rl_step,
-                  **evaluate(self.model, self.task, self.device, self.cfg, self.compute_dtype)}
+                  **evaluate(self.model, self.task, self.device, self.cfg, self.compute_dtype,
+                             parallel=self.parallel)}
         self.log.write(record)
         return record
 
@@ -248,16 +279,19 @@ class Trainer:
         """``passes`` passes over ``batch``, each split into ``mini_batches`` mini-batches of whole
         groups with one optimiser step each (verl's ppo_epochs x ppo_mini_batch_size). The anchor
         log-probs stay those of the rollout policy, so from the second step on the policy differs
-        from the anchor and GIFT's implicit reward is no longer identically zero."""
+        from the anchor and GIFT's implicit reward is no longer identically zero.
+        Data-parallel: ``batch`` is this rank's share and ``loss`` its share of the whole-batch
+        loss (train/distributed.py)."""
         losses, metrics, norms, clip = [], {}, [], self.cfg.grad_clip
         for _ in range(passes):
             for part in split_groups(batch, mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, metrics = compute_loss(loss_name, self.model, part, self.cfg,
-                                             self.compute_dtype)
-                if loss is None:
+                to_backward, loss, part_metrics = dp.data_parallel_loss(
+                    self.loss_root, loss_name, part, self.cfg, self.compute_dtype, self.parallel)
+                if to_backward is None:
                     continue
-                loss.backward()
+                metrics = part_metrics or metrics
+                to_backward.backward()
                 norm = float(torch.nn.utils.clip_grad_norm_(
                     self.model.parameters(), clip if clip > 0 else float("inf")))
                 self.optimizer.step()
@@ -272,7 +306,7 @@ class Trainer:
                 "updates": len(losses), "metrics": metrics}
 
     def _sft_step(self) -> Dict:
-        problems = self.task.sample(self.data_rng, self.cfg.sft_batch)
+        problems = self.task.sample(self.data_rng, self.sft_batch)
         seqs = self.task.gold_sequences(problems).to(self.device)
         batch = gold_batch(seqs, PROMPT_LEN, self.tok.pad_id, self.tok.eos_id)
         out = self._optimise(batch, "sft")
@@ -296,7 +330,7 @@ class Trainer:
 
     def _rl_step(self) -> Dict:
         """One RL step: a rollout of fresh prompts, then the policy update on it."""
-        problems = self.task.sample(self.data_rng, self.cfg.prompts_per_step)
+        problems = self.task.sample(self.data_rng, self.prompts_per_step)
         batch = self._rollout(problems)
         return self._rl_update(problems, batch)
 
@@ -319,8 +353,8 @@ class Trainer:
         cfg = self.cfg
         total = cfg.sft_steps + cfg.rl_steps
         start_time = time.perf_counter()
-        bar = tqdm(total=total, initial=self.step, disable=not cfg.progress, desc=cfg.loss,
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main),
+                   desc=cfg.loss, dynamic_ncols=True)
         if self.step == cfg.sft_steps and self.step < total and self.resume_state is None:
             self._start_rl()  # no warm start at all
         last_eval = None
@@ -331,6 +365,7 @@ class Trainer:
             tokens = record.pop("_tokens")
             record = {"step": self.step, **record, "tokens_per_s": tokens / seconds,
                       "step_s": seconds, "peak_mem_mib": peak_memory_mib(self.device)}
+            record = dp.reduce_record(record, self.parallel)
             self.log.write(record)
             self.step += 1
             if self.step < cfg.sft_steps and self._sft_target_reached():
@@ -350,7 +385,8 @@ class Trainer:
             bar.set_postfix(_postfix(record, last_eval), refresh=False)
         bar.close()
         memory = None
-        if cfg.memory_report or (cfg.memory_report is None and cfg.model == "qwen2"):
+        if self.is_main and (cfg.memory_report or
+                             (cfg.memory_report is None and cfg.model == "qwen2")):
             memory = self._memory_report()
         result = TrainResult(cfg.out_dir, self.log.path, None, self.log.records,
                              summarise(self.log.records))
@@ -359,6 +395,11 @@ class Trainer:
             result.summary["memory"] = format_report(memory)
         # Wall time of this call (after --resume, only the resumed part).
         result.summary["wall_s_this_process"] = time.perf_counter() - start_time
+        if self.parallel is not None:
+            result.summary["processes"] = self.parallel.world
+        dp.barrier(self.parallel)
+        if not self.is_main:
+            return result
         with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(result.summary, f, indent=2)
         if cfg.plot:
@@ -427,8 +468,13 @@ def summarise(records: List[Dict], window: int = 25) -> Dict:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Runs (or resumes) one training run; returns its records, summary and file paths."""
-    return Trainer(cfg).run()
+    """Runs (or resumes) one training run; returns its records, summary and file paths. Under
+    ``torchrun`` (``WORLD_SIZE`` > 1) this process is one rank of a data-parallel run."""
+    parallel = dp.from_environment(resolve_device(cfg.device))
+    try:
+        return Trainer(cfg, parallel).run()
+    finally:
+        dp.shutdown(parallel)
 
 
 def compare(cfg: TrainConfig, losses: List[str], seeds: Optional[List[int]] = None):
