@@ -72,8 +72,9 @@ def matmul_config(dtype, target, aligned: bool) -> dict:
     if dtype == torch.float32 or not aligned:
         # float32 runs on FMA (no TF32: full precision), and unaligned operands are loaded one
         # element at a time with a 64-bit address each: a 128x128 tile spills, and even 64x64
-        # does with BLOCK_K=32 on sm_80; BLOCK_K=16 keeps 2+ blocks per SM.
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+        # does with BLOCK_K=32 on sm_80, or with 4 warps in the float32 dX/dW variants and the
+        # split (LO) accumulator. 8 warps halve each thread's share of the 64x64 accumulator.
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
     # 16-bit tensor-core tiles: BLOCK_K=64 spills the accumulating (dW) variant at 255
     # registers; BLOCK_K=32 with one more stage on sm_90 keeps the loads in flight. One 8-warp
     # block per SM (about 175 registers): occupancy traded for 128 x 128 reuse, as GEMMs do.
