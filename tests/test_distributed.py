@@ -7,15 +7,13 @@ here.
 """
 import json
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import distributed_cases
+from helpers import free_port, spawn_and_wait
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -28,26 +26,10 @@ CASES_BY_WORLD = {2: ALL_CASES + ["front_end_triton"], 3: ALL_CASES, 4: ALL_CASE
 TOL = {"epilogue": 1e-12, "front_end": 2e-5, "ddp": 2e-5, "fsdp2": 2e-5, "demo": 1e-5}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_world(world: int, tmp_path) -> dict:
     out = str(tmp_path / f"world{world}.json")
-    ctx = mp.start_processes(distributed_cases.run,
-                             args=(world, _free_port(), out, CASES_BY_WORLD[world]),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"world size {world}: ranks did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_and_wait(distributed_cases.run, (world, free_port(), out, CASES_BY_WORLD[world]),
+                   world, SPAWN_TIMEOUT_S, f"world size {world}")
     with open(out) as f:
         report = json.load(f)
     for r in range(1, world):

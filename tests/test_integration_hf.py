@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gift_fast.integrations.hf import lm_head_of, patch_model, token_logprobs  # noqa: E402
+from helpers import LargestAllocation
 
 V = 97   # not a multiple of any tile or chunk size
 _COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -163,21 +164,6 @@ def test_patched_forward_equals_function_and_keeps_generation(arch):
     torch.testing.assert_close(loss, -ref.sum(), atol=1e-9, rtol=1e-10)
 
 
-class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
-    """Largest floating-point tensor any aten op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_logits_sized_tensor(monkeypatch):
     """The integration itself never builds a [B*T, V] tensor (chunk budget below it)."""
     import gift_fast.backends.torch_chunked as tc
@@ -187,7 +173,7 @@ def test_no_logits_sized_tensor(monkeypatch):
     ids = torch.randint(3, v, (4, 40), generator=torch.Generator().manual_seed(12))
     monkeypatch.setattr(tc, "CHUNK_ELEMENTS", 8 * v)
     monkeypatch.setattr("gift_fast.logprobs.CHUNK_ELEMENTS", 8 * v)
-    with _LargestAllocation() as spy:
+    with LargestAllocation() as spy:
         logp, ent = token_logprobs(model, ids, return_entropy=True, backend="torch")
         (logp.sum() + ent.sum()).backward()
     n = ids.shape[0] * (ids.shape[1] - 1)

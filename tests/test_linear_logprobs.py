@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gift_fast import linear_logprobs
+from helpers import LargestAllocation
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -188,22 +189,6 @@ def test_zero_upstream_rows_get_zero_gradient(backend):
     assert rows.tolist() == [i == 3 for i in range(20)]
 
 
-class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest floating-point tensor any aten op produces (logits or their gradient
-    would be floating point; the interpreter's uint8 copies of argument storages are not ours)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_n_by_v_tensor_is_allocated(backend, monkeypatch):
     """With chunk budgets below N x V, no tensor of N x V elements appears, forward or backward."""
@@ -215,7 +200,7 @@ def test_no_n_by_v_tensor_is_allocated(backend, monkeypatch):
     monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 16 * V * 4)
     hidden, weight, _, targets = make_inputs(N, H, V, torch.float32, False, 0.0, seed=6)
     hidden.requires_grad_(); weight.requires_grad_()
-    with _LargestAllocation() as spy:
+    with LargestAllocation() as spy:
         logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
         (logp.sum() + ent.sum()).backward()
     assert spy.largest <= 16 * V + V * H, f"largest tensor had {spy.largest} elements (N*V={N * V})"

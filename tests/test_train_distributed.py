@@ -9,19 +9,17 @@ NCCL on GPUs runs the same code but is not tested here.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
 import train_dp_cases  # noqa: E402
+from helpers import free_port, spawn_and_wait  # noqa: E402
 from gift_fast.train import distributed as dp  # noqa: E402
 from gift_fast.train.metrics import read_log  # noqa: E402
 from gift_fast.train.rollout import Batch  # noqa: E402
@@ -37,26 +35,11 @@ SPAWN_TIMEOUT_S = 600   # a hang guard on a loaded machine, not a speed check
 TOL, GRAD_TOL, PARAM_TOL = 2e-5, 1e-4, 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_gloo
 def test_two_ranks_learn_like_one_process_on_the_union_of_their_prompts(tmp_path):
     out = str(tmp_path / "report")
-    ctx = mp.start_processes(train_dp_cases.run, args=(2, _free_port(), out, str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"ranks did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_and_wait(train_dp_cases.run, (2, free_port(), out, str(tmp_path)), 2,
+                   SPAWN_TIMEOUT_S, "train data-parallel")
     reports = [json.load(open(f"{out}.rank{r}")) for r in range(2)]
     errors = {f"{k} (rank {r})": v for r, rep in enumerate(reports) for k, v in rep["errors"].items()}
     assert not errors, "\n".join(f"{k}:\n{v}" for k, v in errors.items())

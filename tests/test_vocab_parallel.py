@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.utils._python_dispatch
+from helpers import LargestAllocation
 
 V, H = 37, 16
 SPLITS = {2: [17, 20], 3: [10, 15, 12], 4: [9, 1, 15, 12]}   # rows of the lm_head per rank
@@ -395,19 +396,6 @@ def test_vocab_parallel_equals_single_device(world, tmp_path):
     assert not failures, "\n".join(failures)
 
 
-class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="triton on CPU tensors needs the interpreter"))]
 
@@ -428,7 +416,7 @@ def test_no_n_by_v_tensor_under_vocab_parallel(backend, monkeypatch):
     monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 8 * V * 4)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        with _LargestAllocation() as spy:
+        with LargestAllocation() as spy:
             logp, ent = linear_logprobs(h, w, targets, return_entropy=True, backend=backend,
                                         vocab_parallel_group=dist.group.WORLD)
             (logp.sum() + ent.sum()).backward()

@@ -21,7 +21,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .logit_math import transform_logits
 
 # Rows per block: the GEMMs of a block have M or K up to 2048, where CPU BLAS runs at its peak,
 # and the float32 dW is read and written once per block (N / 2048 times in all). Single-thread

@@ -1,0 +1,46 @@
+"""Helpers shared by several test modules: an allocation spy and a bounded multi-process spawn."""
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest floating-point tensor any aten op produces while active (logits or
+    their gradient would be floating point; the interpreter's uint8 copies of argument storages
+    are not ours)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a gloo rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(fn, args, nprocs: int, timeout_s: float, what: str) -> None:
+    """Runs ``fn(rank, *args)`` in ``nprocs`` spawned processes; fails the test if they do not
+    finish within ``timeout_s`` (a hang guard, not a speed check) and kills what is left."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: ranks did not finish in {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
