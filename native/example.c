@@ -10,19 +10,23 @@
 #include "gift_fast_kernels.h"
 
 /* Merges the vocabulary splits of n_rows rows (see kernels/logprob_forward.py): float32 [n_split,
- * N] partial statistics in, per-row lse, target logit, entropy and argmax out. */
+ * N] partial statistics in, per-row lse, target logit, entropy and argmax out; row_max (the max
+ * logit, used by the vocabulary-parallel path) only in the algorithms compiled with WANT_ROW_MAX:
+ * pass any float32 [N] buffer otherwise, as the Python launcher passes lse. */
 static CUresult launch_combine(CUstream stream, CUdeviceptr parts[6], CUdeviceptr lse,
-                               CUdeviceptr zy, CUdeviceptr ent, CUdeviceptr argmax, int n_rows,
+                               CUdeviceptr zy, CUdeviceptr ent, CUdeviceptr argmax,
+                               CUdeviceptr row_max, int n_rows,
                                int n_split, int algo_id, unsigned int block) {
   gift_fast_set_grid((n_rows + block - 1) / block, 1, 1);
 #if defined(GIFT_FAST_SM90)
   return combine_sm90(stream, parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], lse, zy,
-                      ent, argmax, n_rows, n_split, algo_id);
+                      ent, argmax, row_max, n_rows, n_split, algo_id);
 #elif defined(GIFT_FAST_SM80)
   return combine_sm80(stream, parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], lse, zy,
-                      ent, argmax, n_rows, n_split, algo_id);
+                      ent, argmax, row_max, n_rows, n_split, algo_id);
 #else
-  (void)stream; (void)parts; (void)lse; (void)zy; (void)ent; (void)argmax; (void)n_rows;
+  (void)stream; (void)parts; (void)lse; (void)zy; (void)ent; (void)argmax; (void)row_max;
+  (void)n_rows;
   (void)n_split; (void)algo_id;
   return CUDA_ERROR_NOT_SUPPORTED;
 #endif
