@@ -105,6 +105,29 @@ def test_forward_and_backward_match_float64_oracle(small_tiles, dtype, temperatu
         _close(name, got, ref, gtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_far_below_the_max_are_exact_enough(small_tiles, dtype):
+    """Logit spreads of hundreds of nats (a peaked LLM at low temperature): exp's argument is
+    clamped at EXP_FLOOR (CPU speed), which must not move any statistic or gradient."""
+    N, H, V = 11, 6, 41
+    hidden, weight, b, targets, g, e = _inputs(N, H, V, dtype, seed=3)
+    weight = weight * 100.0          # logits spread over a thousand nats
+    temperature = 0.5
+    want, want_grads = _oracle(hidden, weight, b, targets, g, e, temperature, None)
+    z = (hidden.double() @ weight.double().T + b.double()) / temperature
+    assert (want["lse"][:, None] - z).max() > 1000   # below both dtypes' EXP_FLOOR
+    st = tc.chunked_forward(hidden, weight, b, targets, temperature, None, IGNORE,
+                            want_entropy=True, chunk_elements=small_tiles)
+    # float32 logits of magnitude |z| carry |z| * 6e-8 of rounding before any exp.
+    tol = 1e-12 if dtype == torch.float64 else 2e-7 * z.abs().max().item()
+    for name in ("lse", "entropy", "logp"):
+        _close(name, getattr(st, name), want[name], tol)
+    grads = tc.chunked_backward(hidden, weight, b, targets, st.lse, st.entropy, g.to(dtype),
+                                e.to(dtype), temperature, None, IGNORE, chunk_elements=small_tiles)
+    for name, got, ref in zip(("d_hidden", "d_weight", "d_bias"), grads, want_grads):
+        _close(name, got, ref, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
 def test_backward_skips_dead_rows_and_needs_entropy_for_e(small_tiles):
     hidden, weight, b, targets, g, e = _inputs(9, 5, 20, torch.float32, seed=2)
     st = tc.chunked_forward(hidden, weight, b, targets, 1.0, None, IGNORE, True,

@@ -9,11 +9,11 @@ Two plain functions do the work and a thin autograd Function wraps them:
   are skipped.
 
 Why tiles of both rows and vocabulary (CPU cost, measured in bench/README.md): a tile of
-``ROW_BLOCK`` rows keeps every GEMM large enough for BLAS to run near its peak, while a tile of
-``CHUNK_ELEMENTS`` float32 logits (4 MiB) stays in cache, so the softmax passes that follow each
-GEMM cost a fraction of what they cost over a [rows, V] block streamed through DRAM. Every tile
-buffer is allocated once per call and reused (fresh multi-MiB allocations page-fault on CPU).
-Peak extra memory is a few tiles plus O(N) statistics: flat in N and V, never [N, V].
+``ROW_BLOCK`` rows by ``CHUNK_ELEMENTS / ROW_BLOCK`` columns keeps every GEMM large enough for
+BLAS to run near its peak (the GEMMs are nearly all of the time; the softmax passes after each
+one are a few per cent). Every tile buffer is allocated once per call and reused (fresh
+multi-MiB allocations page-fault on CPU). Peak extra memory is a few tiles plus O(N) statistics:
+flat in N and V, never [N, V].
 """
 from __future__ import annotations
 
@@ -23,14 +23,25 @@ import torch
 
 
 # Rows per block: the GEMMs of a block have M or K up to 2048, where CPU BLAS runs at its peak,
-# and the float32 dW is read and written once per block (N / 2048 times in all). Single-thread
-# CPU time, fwd+bwd at N=2048 H=896 V=32768 on a loaded 2-core Xeon, min of 3: 2048 x 512 tiles
-# 1.33x the bare GEMM, 512 x 1024 and 1024 x 512 tiles 1.46x.
+# and the float32 dW is read and written once per block (N / 2048 times in all).
 ROW_BLOCK = 2048
-# Elements of one [rows, vocab-tile] logits tile (4 MiB in float32): small enough that the
-# exp / scale passes after each GEMM run from cache, large enough that the per-tile Python cost
-# is noise.
-CHUNK_ELEMENTS = 1 << 20
+# Elements of one [rows, vocab-tile] logits tile (16 MiB in float32; 2048 x 2048). fwd+bwd at
+# N=2048 H=896 V=32768 float32 on a quiet 2-core Xeon (AVX-512), time / the bare GEMM fwd+bwd,
+# min of 8 round-robin repeats, 2 threads: 2048 x 512 tiles 1.39x, 2048 x 2048 1.33x,
+# 2048 x 4096 1.33x (1 thread: 1.41x, 1.35x, 1.32x). Wider tiles give the dX and recompute
+# GEMMs a longer vocabulary dimension; past 2048 columns the gain is within noise and the
+# scratch (one to three tiles) doubles.
+CHUNK_ELEMENTS = 1 << 22
+# exp() of float32 arguments below about -87 (results that underflow to a subnormal or zero)
+# takes a slow path on CPU: 60-220 ms instead of 3 ms per 2048 x 2048 tile, measured. Logits
+# that far below the row maximum (or the lse) contribute less than 1e-34 of the row's mass,
+# so the argument is clamped first (one cheap pass; float64 keeps its own range).
+EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """In-place exp with the argument clamped at EXP_FLOOR (see there)."""
+    return t.clamp_(min=EXP_FLOOR[t.dtype]).exp_()
 
 
 class RowStats(NamedTuple):
@@ -147,11 +158,12 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
             m_new = t_max if m is None else torch.maximum(m, t_max)
             z.sub_(m_new[:, None])
             if want_entropy:
+                z.clamp_(min=EXP_FLOOR[z.dtype])
                 e = torch.exp(z, out=tiles.view(1, c, v1 - v0))
                 t_s = e.sum(1)
                 t_b = e.mul_(z).sum(1)
             else:
-                t_s = z.exp_().sum(1)
+                t_s = _exp_(z).sum(1)
             if m is None:
                 s = t_s
                 b = t_b if want_entropy else None
@@ -244,10 +256,10 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
                 k += 1
             if e is not None:
                 # dz = p * (-g - e (z - E[z])) + g * onehot, all already divided by T.
-                p = torch.sub(z, lse_c, out=tiles.view(k, c, w)).exp_()
+                p = _exp_(torch.sub(z, lse_c, out=tiles.view(k, c, w)))
                 z.sub_(mean_z).mul_(-e_c).sub_(g_c[:, None]).mul_(p)
             else:
-                z.sub_(lse_c).exp_().mul_(-g_c[:, None])
+                _exp_(z.sub_(lse_c)).mul_(-g_c[:, None])
             here = (t_c >= v0) & (t_c < v1)
             z.scatter_add_(1, (t_c - v0).clamp_(0, w - 1)[:, None],
                            torch.where(here, onehot_g, torch.zeros_like(onehot_g))[:, None])
