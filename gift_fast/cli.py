@@ -81,7 +81,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     sft.add_argument("--sft-batch", type=_positive_int, default=d.sft_batch, help="problems per SFT step")
     sft.add_argument("--sft-lr", type=_float, default=d.sft_lr, help="AdamW learning rate of the SFT phase")
     sft.add_argument("--sft-until", type=_float, default=d.sft_until, metavar="ACC",
-                     help="end SFT early, at the first multiple of 50 steps where greedy accuracy on "
+                     help="end SFT early, at the first multiple of 10 steps where greedy accuracy on "
                           "256 training problems reaches ACC (0: off); --sft-steps is then the limit")
     sft.add_argument("--warm-start", default=None, metavar="PATH",
                      help="start RL from the checkpoint of an SFT-only run (--rl-steps 0) with the same "
@@ -113,6 +113,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("evaluation, output, checkpoints")
     out.add_argument("--eval-every", type=_positive_int, default=d.eval_every,
                      help="RL steps between greedy evaluations on the held-out problems")
+    out.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples,
+                     help="responses per held-out problem sampled at --temperature at each "
+                          "evaluation (the held-out sampled reward; 0: greedy only)")
     out.add_argument("--n-heldout", type=_positive_int, default=d.n_heldout, help="held-out problems")
     out.add_argument("--save-every", type=_positive_int, default=d.save_every,
                      help="steps between checkpoints (also written at the end)")
@@ -259,7 +262,10 @@ def _summary_line(loss: str, s: dict) -> str:
             f"{s['window']} {s['reward_last']:.3f}; held-out greedy accuracy "
             f"{s.get('heldout_accuracy_start', float('nan')):.3f} -> "
             f"{s.get('heldout_accuracy_end', float('nan')):.3f}; "
-            f"wall time {s.get('wall_s_this_process', s['train_s']):.0f} s")
+            + (f"held-out sampled reward {s['heldout_sampled_reward_start']:.3f} -> "
+               f"{s['heldout_sampled_reward_end']:.3f}; " if "heldout_sampled_reward_start" in s
+               else "")
+            + f"wall time {s.get('wall_s_this_process', s['train_s']):.0f} s")
 
 
 if __name__ == "__main__":

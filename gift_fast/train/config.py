@@ -35,6 +35,7 @@ class TrainConfig:
     ift_lambda: float = 0.2             # IFT's mix of predicted-token embeddings
     # Evaluation, logging, checkpoints
     eval_every: int = 25
+    eval_samples: int = 4               # sampled responses per held-out problem (0: greedy only)
     n_heldout: int = 256
     save_every: int = 100
     out_dir: Optional[str] = None       # default runs/<name>
@@ -77,6 +78,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("sft_batch", "prompts_per_step", "group_size", "updates_per_batch", "mini_batches",
                  "max_new_tokens", "eval_every", "n_heldout", "save_every"):
         need(getattr(cfg, name) >= 1, f"{name}: expected >= 1, got {getattr(cfg, name)}")
+    need(cfg.eval_samples >= 0, f"eval_samples: expected >= 0, got {cfg.eval_samples}")
     need(cfg.n_heldout <= 5000, f"n_heldout: expected <= 5000 of the 10000 problems, got {cfg.n_heldout}")
     need(cfg.group_size >= 2 or cfg.loss not in NEEDS_GROUPS,
          f"group_size: loss {cfg.loss!r} compares responses within a group; expected >= 2, "

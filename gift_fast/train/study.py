@@ -114,19 +114,35 @@ def kl_to_warm_start(run_dir: str, warm_dir: str, cfg: TrainConfig,
     return float(diff.sum(1).mean())
 
 
+def warm_start_facts(warm_dir: str) -> Dict:
+    """Where the shared warm start ended (``sft_until`` may stop SFT early) and its wall time."""
+    out: Dict = {}
+    try:
+        with open(os.path.join(warm_dir, "config.json"), encoding="utf-8") as f:
+            out["sft_steps"] = json.load(f)["sft_steps"]
+        with open(os.path.join(warm_dir, "summary.json"), encoding="utf-8") as f:
+            out["sft_s"] = json.load(f).get("train_s")
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
 def run_summary(records: List[Dict], window: int) -> Dict:
-    """Per-run numbers the table aggregates: held-out accuracy at each evaluation, sampled
-    reward (mean over the ``window`` RL steps ending at each evaluation)."""
+    """Per-run numbers the table aggregates: at each evaluation the held-out greedy accuracy and
+    the held-out sampled reward (``--eval-samples`` responses per problem at the training
+    temperature); the gains from the start of RL to the best of the last three evaluations; and
+    the training batches' reward (mean over the first and last ``window`` RL steps)."""
     rl = [r for r in records if r.get("phase") == "rl"]
     evals = [r for r in records if r.get("phase") == "eval"]
     rewards = np.array([r["reward"] for r in rl])
     out = {"eval_steps": [r["rl_step"] for r in evals],
            "heldout_accuracy": [r["heldout_accuracy"] for r in evals],
-           "reward_at_eval": [float(rewards[max(0, s - window):s].mean()) if s > 0 else None
-                              for s in (r["rl_step"] for r in evals)]}
-    acc = out["heldout_accuracy"]
+           "sampled_reward": [r.get("heldout_sampled_reward") for r in evals]}
+    acc, sampled = out["heldout_accuracy"], out["sampled_reward"]
     if acc:
         out["accuracy_gain"] = max(acc[-3:]) - acc[0]   # best of the last three evals vs start
+    if sampled and None not in sampled:
+        out["sampled_reward_gain"] = max(sampled[-3:]) - sampled[0]
     if len(rewards):
         w = min(window, len(rewards))
         out["reward_first"] = float(rewards[:w].mean())
@@ -158,9 +174,10 @@ def summary_table(per_run: Dict[str, Dict[int, Dict]], rise: float = 0.15) -> st
     fixed = sorted({steps[len(steps) // 3], steps[2 * len(steps) // 3], steps[-1]}) if steps else []
     head = (["loss", "seeds", "held-out acc, RL start"]
             + [f"held-out acc, step {s}" for s in fixed]
-            + [f"sampled reward, steps {max(0, s - (steps[1] - steps[0] if len(steps) > 1 else s))}"
-               f"-{s}" for s in fixed]
-            + ["acc gain (best of last 3 evals - start)", "sampled reward gain (last - first window)",
+            + ["held-out sampled reward, RL start"]
+            + [f"held-out sampled reward, step {s}" for s in fixed]
+            + ["acc gain (best of last 3 evals - start)",
+               "sampled reward gain (best of last 3 evals - start)",
                f"RL steps to +{rise:.2f} acc (per seed)", "KL(final || warm start), nats"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for loss, seeds in per_run.items():
@@ -173,19 +190,44 @@ def summary_table(per_run: Dict[str, Dict[int, Dict]], rise: float = 0.15) -> st
         row = ([loss, ",".join(str(s) for s in seeds), _stats([r["heldout_accuracy"][0]
                                                                for r in runs])]
                + [_stats(at("heldout_accuracy", s)) for s in fixed]
-               + [_stats(at("reward_at_eval", s)) for s in fixed]
+               + [_stats([r["sampled_reward"][0] if r["sampled_reward"] else None for r in runs])]
+               + [_stats(at("sampled_reward", s)) for s in fixed]
                + [_stats([r.get("accuracy_gain") for r in runs]),
-                  _stats([r.get("reward_gain") for r in runs]),
+                  _stats([r.get("sampled_reward_gain") for r in runs]),
                   ", ".join("never" if x is None else str(x) for x in reach),
                   _stats([r.get("kl_to_warm_start") for r in runs])])
         rows.append("| " + " | ".join(row) + " |")
     return "\n".join(rows)
 
 
+def per_run_table(per_run: Dict[str, Dict[int, Dict]], acc_rise: float = 0.15,
+                  reward_rise: float = 0.1) -> str:
+    """Markdown, one row per (loss, seed): start of RL, best of the last three evaluations and the
+    gain, for held-out greedy accuracy and held-out sampled reward, against the bars of the
+    default recipe's acceptance check (``acc_rise``, ``reward_rise``)."""
+    head = ["loss", "seed", "SFT steps", "held-out acc, RL start", "best of last 3", "gain",
+            "sampled reward, RL start", "best of last 3", "gain", "SFT s", "RL s",
+            f"gains >= +{acc_rise:.2f} and +{reward_rise:.2f}"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for loss, seeds in per_run.items():
+        for seed, r in seeds.items():
+            acc, sampled = r["heldout_accuracy"], r["sampled_reward"]
+            if not acc or not sampled or None in sampled:
+                continue
+            ok = r["accuracy_gain"] >= acc_rise and r["sampled_reward_gain"] >= reward_rise
+            rows.append("| " + " | ".join([
+                loss, str(seed), str(r.get("sft_steps", "?")), f"{acc[0]:.3f}",
+                f"{max(acc[-3:]):.3f}", f"{r['accuracy_gain']:+.3f}", f"{sampled[0]:.3f}",
+                f"{max(sampled[-3:]):.3f}", f"{r['sampled_reward_gain']:+.3f}",
+                f"{r.get('sft_s') or float('nan'):.0f}", f"{r.get('train_s', float('nan')):.0f}",
+                "yes" if ok else "NO"]) + " |")
+    return "\n".join(rows)
+
+
 def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int = 10) -> str:
     """Three panels over RL steps, one colour per loss: the mean over seeds and the min-max band
-    of the sampled reward (``window``-step running mean), the held-out greedy accuracy and the
-    held-out reward."""
+    of the training batches' reward (``window``-step running mean), the held-out greedy accuracy
+    and the held-out sampled reward."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,12 +237,12 @@ def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int
     for loss, seeds in records.items():
         curves = []
         for key, ax_i, phase in (("reward", 0, "rl"), ("heldout_accuracy", 1, "eval"),
-                                 ("heldout_reward", 2, "eval")):
+                                 ("heldout_sampled_reward", 2, "eval")):
             per_seed = []
             for recs in seeds.values():
                 rows = [r for r in recs if r.get("phase") == phase]
                 x = [r["rl_step"] for r in rows]
-                y = [r[key] for r in rows]
+                y = [r.get(key, np.nan) for r in rows]
                 per_seed.append((x, _smooth(y, window) if phase == "rl" else np.asarray(y)))
             n = min(len(y) for _, y in per_seed)
             x = per_seed[0][0][:n]
@@ -211,7 +253,7 @@ def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int
             curves.append(line)
             axes[ax_i].fill_between(x, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
     titles = (f"sampled reward ({window}-step running mean)", "held-out greedy accuracy",
-              "held-out greedy reward")
+              "held-out sampled reward (at the training temperature)")
     for ax, title in zip(axes, titles):
         ax.set_title(title + "\nmean over seeds, band = min-max")
         ax.set_xlabel("RL step")
@@ -249,8 +291,9 @@ def run_study(cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int]) -> 
             s = run_summary(result.records, window=cfg.eval_every)
             s["kl_to_warm_start"] = kl_to_warm_start(result.out_dir, warm, run_cfg)
             s["train_s"] = float(sum(r.get("step_s", 0.0) for r in result.records))
+            s.update(warm_start_facts(warm))
             runs[loss][seed], per_run[loss][seed] = result, s
-    table = summary_table(per_run)
+    table = summary_table(per_run) + "\n\nPer run:\n\n" + per_run_table(per_run)
     aggregate = {loss: {str(seed): s for seed, s in seeds_.items()}
                  for loss, seeds_ in per_run.items()}
     with open(os.path.join(base, "compare.json"), "w", encoding="utf-8") as f:
