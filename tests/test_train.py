@@ -12,7 +12,7 @@ from gift_fast.train.config import TrainConfig  # noqa: E402
 from gift_fast.train.metrics import read_log  # noqa: E402
 from gift_fast.train.objectives import LOSSES  # noqa: E402
 from gift_fast.train.task import reward  # noqa: E402
-from gift_fast.train.trainer import summarise, train  # noqa: E402
+from gift_fast.train.trainer import train  # noqa: E402
 
 # Small enough for seconds per run; threads=1 keeps it deterministic and polite on shared cores.
 TINY = dict(model="tiny", vocab=64, sft_steps=3, sft_batch=8, rl_steps=4, prompts_per_step=2,
@@ -30,27 +30,26 @@ def test_reward_is_format_gated():
     assert reward("891", 99, 99, ended=True) == 1.0          # 198
 
 
-# The CI learning test: 20 SFT steps leave the answer format half learned, then 120 GIFT steps
-# must raise the sampled reward (mean of the last 30 steps vs the first 30) by more than
-# LEARNING_MARGIN on each of two seeds. It pins the RL settings it was calibrated with (lr 1e-3,
-# one full-batch update per rollout, vocab 512): seeds 0, 1, 2 went 0.16-0.18 -> 0.29-0.32, a gain
-# of 0.11 or more, over twice the margin (docs/training.md, "CI learning test"). It checks that
-# the loop learns at all within CI's budget; the default recipe is checked by the six-run study.
-LEARNING_MARGIN = 0.05
-
-
-def short_learning_run(seed: int, out_dir: str, threads: int = 1):
-    cfg = TrainConfig(loss="gift", vocab=512, sft_steps=20, sft_until=None, rl_steps=120,
-                      lr=1e-3, mini_batches=1, eval_every=60, n_heldout=64, progress=False,
-                      plot=False, threads=threads, device="cpu", seed=seed, out_dir=out_dir)
-    return summarise(train(cfg).records, window=30)
+# The CI learning test: the default recipe (SFT until 0.5 training accuracy, then GIFT with the
+# default RL settings), stopped after its first CI_RL_STEPS RL steps, on seeds 0 and 1. Held-out
+# greedy accuracy and held-out sampled reward must rise from the start of RL to the best of the
+# evaluations at steps 50, 75 and 100 by the margins below. They are set from the six-run study
+# of the default recipe (docs/training.md, "CI learning test"): the same statistic at step 100 in
+# all six runs (seeds 0-2, --threads 1 and 2) lies well above them, so another CPU's rounding
+# changes the path, not the verdict. Never an exact value.
+CI_RL_STEPS = 100
+ACC_MARGIN, SAMPLED_REWARD_MARGIN = 0.08, 0.04
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_short_training_improves_reward(seed, tmp_path):
-    s = short_learning_run(seed, str(tmp_path / "run"))
-    assert s["rl_steps"] == 120
-    assert s["reward_last"] > s["reward_first"] + LEARNING_MARGIN, s
+def test_default_recipe_learns(seed, tmp_path):
+    from gift_fast.train.study import run_summary
+    cfg = TrainConfig(seed=seed, rl_steps=CI_RL_STEPS, progress=False, plot=False, device="cpu",
+                      out_dir=str(tmp_path / "run"))
+    s = run_summary(train(cfg).records, window=cfg.eval_every)
+    assert s["eval_steps"] == [0, 25, 50, 75, 100], s
+    assert s["accuracy_gain"] >= ACC_MARGIN, s
+    assert s["sampled_reward_gain"] >= SAMPLED_REWARD_MARGIN, s
 
 
 def test_log_plot_and_resume_round_trip(tmp_path):
