@@ -24,7 +24,8 @@ SFT_STEPS, RL_STEPS = 2, 3
 BASE = dict(model="tiny", vocab=64, seed=3, sft_steps=SFT_STEPS, sft_batch=WORLD * 3,
             sft_until=None, rl_steps=RL_STEPS, prompts_per_step=WORLD * PER_RANK, group_size=4,
             lr=1e-3, n_heldout=8, eval_every=100, save_every=100, progress=False, plot=False,
-            threads=1, device="cpu", memory_report=False)
+            threads=1, device="cpu", memory_report=False,
+            eval_samples=0)   # sampled evaluation would draw from _Scripted.generate's stream
 # (loss, mini-batches): GIFT through data_parallel_group; GRPO a token mean; DPO a mean over pairs
 CASES = [("gift", 2), ("grpo", 1), ("dpo", 1)]
 _real_generate = trainer_module.generate
