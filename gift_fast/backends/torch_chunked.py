@@ -39,9 +39,14 @@ CHUNK_ELEMENTS = 1 << 22
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
+def _floor_(t: torch.Tensor) -> torch.Tensor:
+    """``t`` clamped in place at EXP_FLOOR (see there), ready for exp."""
+    return t.clamp_(min=EXP_FLOOR[t.dtype])
+
+
 def _exp_(t: torch.Tensor) -> torch.Tensor:
-    """In-place exp with the argument clamped at EXP_FLOOR (see there)."""
-    return t.clamp_(min=EXP_FLOOR[t.dtype]).exp_()
+    """In-place exp with the argument clamped at EXP_FLOOR."""
+    return _floor_(t).exp_()
 
 
 class RowStats(NamedTuple):
@@ -158,8 +163,7 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
             m_new = t_max if m is None else torch.maximum(m, t_max)
             z.sub_(m_new[:, None])
             if want_entropy:
-                z.clamp_(min=EXP_FLOOR[z.dtype])
-                e = torch.exp(z, out=tiles.view(1, c, v1 - v0))
+                e = torch.exp(_floor_(z), out=tiles.view(1, c, v1 - v0))   # z stays for b
                 t_s = e.sum(1)
                 t_b = e.mul_(z).sum(1)
             else:
