@@ -27,6 +27,15 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def fixed_seed(seed: int, device: torch.device):
+    """Sampling from ``seed`` inside, the caller's random streams untouched outside: evaluations
+    and measurements draw their samples without shifting the training run's."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, *, max_new_tokens: int, pad_id: int, eos_id: int,
              temperature: float = 1.0, sample: bool = True, compute_dtype=torch.float32):

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .model import build_model
-from .rollout import Batch, generate, policy_logprobs, response_targets
+from .rollout import Batch, fixed_seed, generate, policy_logprobs, response_targets
 from .task import PROMPT_LEN, AdditionTask
 from .tokenizer import CharTokenizer
 
@@ -101,12 +101,10 @@ def kl_to_warm_start(run_dir: str, warm_dir: str, cfg: TrainConfig,
         models.append(model.eval())
     final, warm = models
     gen = torch.Generator().manual_seed(cfg.seed + 3)
-    state = torch.get_rng_state()
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     prompts = task.prompt_ids(task.heldout).repeat_interleave(samples_per_prompt, 0)
-    responses = generate(final, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
-                         eos_id=tok.eos_id, temperature=cfg.temperature)
-    torch.set_rng_state(state)  # leave the caller's RNG stream untouched
+    with fixed_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), device):
+        responses = generate(final, prompts, max_new_tokens=cfg.max_new_tokens,
+                             pad_id=tok.pad_id, eos_id=tok.eos_id, temperature=cfg.temperature)
     batch = Batch(torch.cat([prompts, responses], 1), response_targets(responses, tok.eos_id),
                   PROMPT_LEN)
     diff = (policy_logprobs(final, batch, cfg.temperature)

@@ -24,7 +24,7 @@ from . import distributed as dp
 from .metrics import MetricsLog, peak_memory_mib
 from .model import build_model
 from .objectives import SUPERVISED
-from .rollout import Batch, generate, gold_batch, policy_logprobs, response_targets
+from .rollout import Batch, fixed_seed, generate, gold_batch, policy_logprobs, response_targets
 from .task import PROMPT_LEN, AdditionTask
 from .tokenizer import CharTokenizer
 
@@ -91,8 +91,7 @@ def evaluate(model, task: AdditionTask, device, cfg: TrainConfig, compute_dtype,
         rewards, exact = task.score(problems, responses.cpu())
         sums = [exact.sum().item(), rewards.sum().item(), 0.0]
         if samples:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(cfg.seed + 7 + (parallel.rank if parallel else 0))
+            with fixed_seed(cfg.seed + 7 + (parallel.rank if parallel else 0), device):
                 responses = generate(model, prompts.repeat_interleave(samples, 0),
                                      max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
                                      eos_id=tok.eos_id, temperature=cfg.temperature,
