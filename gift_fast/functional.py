@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .sequences import (STD_CHOICES, Layout, acc_dtype, check_like, group_index, group_mean_std,
-                        group_sum, make_layout, pair_split, token_mask)
-from .validation import _capturing, check_choice, check_finite
+                        group_sum, make_layout, nonfinite_rows, pair_split, token_mask)
+from .validation import _capturing, check_choice, check_finite, check_logprob_input
 
 __all__ = [
     "gift_loss", "grpo_loss", "group_advantages", "dpo_loss", "ipo_loss", "simpo_loss",
@@ -79,12 +79,15 @@ def _per_seq(name: str, t, layout: Layout, logps: torch.Tensor, check_values: bo
 
 
 def _prepare(logps, mask, cu_seqlens, **others):
-    """Validates the per-token inputs; returns (layout, flat float mask, acc dtype, flat tensors)."""
+    """Validates the per-token inputs; returns (layout, flat float mask, acc dtype, flat tensors).
+
+    ``others`` are per-token log-probs given as data (anchor / reference / old policy): float32
+    or float64 only (:func:`gift_fast.validation.check_logprob_input`)."""
     _check_float_tensor("logps", logps)
     layout = make_layout(logps, cu_seqlens, "logps")
     for k, v in others.items():
         if v is not None:
-            _check_float_tensor(k, v)
+            check_logprob_input(k, v)
             check_like(k, v, logps, "one value per token, like logps")
     active = token_mask(logps, mask)
     acc = acc_dtype(logps, *others.values())
@@ -180,10 +183,13 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     r = rewards.detach().to(acc)
     s, _ = _seq_logratios(layout, active, lp, fl["anchor_logps"].detach(), length_norm)
     n_local, offset = layout.n_seq, 0
+    n_bad = nonfinite_rows(active, lp, fl["anchor_logps"])
     if data_parallel_group is not None:    # from here on s, r, group_ids span the whole batch
-        from .distributed.data_parallel import gather_group_batch
+        from .distributed.data_parallel import data_parallel_world, gather_group_batch
         s, r, group_ids, offset = gather_group_batch(s, r, group_ids, data_parallel_group,
                                                      detach_stats)
+        if data_parallel_world(data_parallel_group)[0] > 1:     # a count over the whole batch
+            torch.distributed.all_reduce(n_bad, group=data_parallel_group)
     n_seq = s.shape[0]
     grp, n_groups = group_index(n_seq, group_size, group_ids, logps.device)
 
@@ -229,15 +235,17 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
         rho = torch.where(defined, cov / torch.sqrt(torch.where(defined, vr * vs, 1.0)), 0.0)
         n_def = defined.to(acc).sum()
         multi = (counts > 1).to(acc)
+        n_div, g_div = max(n_seq, 1), max(n_groups, 1)     # an empty batch gives 0, not NaN
         metrics = {
-            "adv_mean": a.mean().float(),
-            "z_mean": z.detach().mean().float(),
-            "z_abs_mean": z.detach().abs().mean().float(),
+            "adv_mean": (a.sum() / n_div).float(),
+            "z_mean": (z.detach().sum() / n_div).float(),
+            "z_abs_mean": (z.detach().abs().sum() / n_div).float(),
             "implicit_std": ((s_std.detach() * multi).sum() / multi.sum().clamp_min(1)).float(),
             "correlation": (rho.sum() / n_def.clamp_min(1)).float(),
-            "uniform_reward_frac": uniform_g.to(torch.float32).mean(),
+            "uniform_reward_frac": uniform_g.to(torch.float32).sum() / g_div,
             "loss_groups": (~uniform_g).to(torch.float32).sum() if drop_uniform_groups
             else torch.tensor(float(n_groups), device=lp.device),
+            "nonfinite_rows": n_bad,
         }
     return loss, metrics
 
@@ -299,11 +307,12 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], advantages
     layout, active, acc, lp, fl = _prepare(logps, mask, cu_seqlens, old_logps=old_logps,
                                            ref_logps=ref_logps)
     _check_float_tensor("advantages", advantages)
+    adv_tok = None                           # per-token advantages are counted, not checked
     if tuple(advantages.shape) == (layout.n_seq,):
         check_finite("advantages", advantages)
         adv = layout.expand(advantages.detach().to(acc))
     elif tuple(advantages.shape) == tuple(logps.shape):
-        adv = advantages.detach().reshape(-1).to(acc)
+        adv = adv_tok = advantages.detach().reshape(-1).to(acc)
     else:
         raise ValueError(f"advantages: expected shape ({layout.n_seq},) (one per sequence) or "
                          f"{tuple(logps.shape)} (one per token), got {tuple(advantages.shape)}")
@@ -350,6 +359,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], advantages
             metrics["kl"] = (_masked(active, kl).sum() / nf).float()
         else:
             metrics["kl"] = zero.float()
+        metrics["nonfinite_rows"] = nonfinite_rows(active, lp, fl["old_logps"], fl["ref_logps"],
+                                                   adv_tok)
     return loss, metrics
 
 
@@ -357,13 +368,14 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], advantages
 # pairwise preference losses (chosen = first half, rejected = second half)
 # --------------------------------------------------------------------------------------------
 
-def _pref_metrics(rw: torch.Tensor, rl: torch.Tensor) -> Metrics:
+def _pref_metrics(rw: torch.Tensor, rl: torch.Tensor, n_bad: torch.Tensor) -> Metrics:
     with torch.no_grad():
         return {
             "reward_margin": _mean_of(rw - rl),
             "reward_accuracy": _mean_of((rw > rl).float()),
             "chosen_reward": _mean_of(rw),
             "rejected_reward": _mean_of(rl),
+            "nonfinite_rows": n_bad,
         }
 
 
@@ -386,7 +398,8 @@ def dpo_loss(logps: torch.Tensor, ref_logps: Optional[torch.Tensor], *,
     dw, dl = pair_split(d, "logps")
     x = beta * (dw - dl)
     per = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
-    return _reduce(per, reduction), _pref_metrics(beta * dw, beta * dl)
+    return _reduce(per, reduction), _pref_metrics(beta * dw, beta * dl,
+                                                  nonfinite_rows(active, lp, ref))
 
 
 def ipo_loss(logps: torch.Tensor, ref_logps: Optional[torch.Tensor], *,
@@ -401,7 +414,8 @@ def ipo_loss(logps: torch.Tensor, ref_logps: Optional[torch.Tensor], *,
     d, _ = _seq_logratios(layout, active, lp, ref, 1.0 if length_normalized else 0.0)
     dw, dl = pair_split(d, "logps")
     per = (dw - dl - 1.0 / (2.0 * beta)) ** 2
-    return _reduce(per, reduction), _pref_metrics(beta * dw, beta * dl)
+    return _reduce(per, reduction), _pref_metrics(beta * dw, beta * dl,
+                                                  nonfinite_rows(active, lp, ref))
 
 
 def simpo_loss(logps: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
@@ -431,7 +445,7 @@ def simpo_loss(logps: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
         loss = _reduce(per, reduction)
         if sft_weight:
             loss = loss + sft_weight * nll
-    metrics = _pref_metrics(beta * aw, beta * al)
+    metrics = _pref_metrics(beta * aw, beta * al, nonfinite_rows(active, lp))
     metrics["nll"] = nll.detach().float()
     return loss, metrics
 
@@ -483,7 +497,8 @@ def rpo_loss(logps: torch.Tensor, ref_logps: Optional[torch.Tensor], rewards: to
             per = _bern_kl(g, x)
         else:
             per = _bern_kl(x, g)
-        return _reduce(per, reduction), _pref_metrics(beta * dw, beta * dl)
+        return _reduce(per, reduction), _pref_metrics(beta * dw, beta * dl,
+                                                      nonfinite_rows(active, lp, ref))
     grp, n_groups = group_index(layout.n_seq, group_size, group_ids, logps.device)
     counts = group_sum(torch.ones_like(r), grp, n_groups)
     x = beta * d
@@ -500,7 +515,8 @@ def rpo_loss(logps: torch.Tensor, ref_logps: Optional[torch.Tensor], rewards: to
         else:
             per = group_sum(torch.exp(lx) * (lx - lg), grp, n_groups)
     with torch.no_grad():
-        metrics = {"implicit_reward_mean": _mean_of(x), "reward_mean": _mean_of(r)}
+        metrics = {"implicit_reward_mean": _mean_of(x), "reward_mean": _mean_of(r),
+                   "nonfinite_rows": nonfinite_rows(active, lp, ref)}
     return _reduce(per, reduction), metrics
 
 
@@ -539,7 +555,8 @@ def una_loss(logps: torch.Tensor, anchor_logps: Optional[torch.Tensor], *,
     r = beta * s
     if kind == "pairwise":
         rw, rl = pair_split(r, "logps")
-        return _reduce(-F.logsigmoid(rw - rl), reduction), _pref_metrics(rw, rl)
+        return _reduce(-F.logsigmoid(rw - rl), reduction), _pref_metrics(
+            rw, rl, nonfinite_rows(active, lp, anchor))
     if kind == "score_mse":
         if scores is None:
             raise ValueError("scores: required for kind='score_mse' (one target score in [0, 1] per sequence)")
@@ -567,7 +584,9 @@ def una_loss(logps: torch.Tensor, anchor_logps: Optional[torch.Tensor], *,
     else:
         per = (torch.sigmoid(r) - t) ** 2
     with torch.no_grad():
-        metrics = {"implicit_reward_mean": _mean_of(r), "implicit_score_mean": _mean_of(torch.sigmoid(r))}
+        metrics = {"implicit_reward_mean": _mean_of(r),
+                   "implicit_score_mean": _mean_of(torch.sigmoid(r)),
+                   "nonfinite_rows": nonfinite_rows(active, lp, anchor)}
     return _reduce(per, reduction), metrics
 
 
@@ -634,7 +653,8 @@ def fdiv_sft_loss(logps: torch.Tensor, ref_logps: Optional[torch.Tensor] = None,
     else:
         loss = -_masked(active, phi_f(divergence, u)).sum() / (beta * n_active)
     with torch.no_grad():
-        metrics = {"nll": nll.detach().float(), "implicit_reward_mean": (u.sum() / n_active).float()}
+        metrics = {"nll": nll.detach().float(), "implicit_reward_mean": (u.sum() / n_active).float(),
+                   "nonfinite_rows": nonfinite_rows(active, lp, fl["ref_logps"])}
     return loss, metrics
 
 
@@ -647,7 +667,8 @@ def dft_loss(logps: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
     loss = -(torch.exp(lpm).detach() * lpm).sum() / n_active
     with torch.no_grad():
         metrics = {"nll": (-lpm.sum() / n_active).float(),
-                   "prob_mean": (_masked(active, torch.exp(lpm)).sum() / n_active).float()}
+                   "prob_mean": (_masked(active, torch.exp(lpm)).sum() / n_active).float(),
+                   "nonfinite_rows": nonfinite_rows(active, lp)}
     return loss, metrics
 
 
@@ -706,6 +727,8 @@ def ift_loss(logps: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
     per = (-lp2 * w).sum(1) / lengths
     loss = per.mean() if b else per.sum()
     with torch.no_grad():
-        metrics = {"nll": ((-lp2).sum(1) / lengths).mean().float(),
-                   "weight_max": w.detach().max().float() if w.numel() else torch.zeros(())}
+        metrics = {"nll": (((-lp2).sum(1) / lengths).sum() / max(b, 1)).float(),   # b = 0: 0
+                   "weight_max": w.detach().max().float() if w.numel()
+                   else torch.zeros((), device=lp.device),
+                   "nonfinite_rows": nonfinite_rows(active, lp)}
     return loss, metrics

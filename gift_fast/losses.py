@@ -23,7 +23,7 @@ from . import functional as Fn
 from .backends import resolve_backend
 from .logprobs import linear_logprobs
 from .sequences import check_like, group_index, make_layout
-from .validation import check_linear_inputs
+from .validation import check_linear_inputs, check_logprob_input
 
 __all__ = [
     "gift_loss", "grpo_loss", "group_advantages", "dpo_loss", "ipo_loss", "simpo_loss",
@@ -109,6 +109,7 @@ def _fused_gift(hidden, weight, targets, anchor_logps, rewards, group_size, cu_s
     Fn._check_number("beta", kw["beta"])
     Fn._check_number("eps", kw["eps"], 0.0)
     Fn._check_number("length_norm", kw["length_norm"], 0.0, 1.0)
+    check_logprob_input("anchor_logps", anchor_logps)
     check_like("anchor_logps", anchor_logps, targets, "one value per token, like targets")
     layout = make_layout(anchor_logps, cu_seqlens, "anchor_logps")
     Fn._per_seq("rewards", rewards, layout, anchor_logps)

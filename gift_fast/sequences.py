@@ -142,6 +142,17 @@ def group_index(n_seq: int, group_size: Optional[int], group_ids: Optional[torch
     return grp, n_seq // group_size
 
 
+def nonfinite_rows(active: torch.Tensor, *per_token: Optional[torch.Tensor]) -> torch.Tensor:
+    """Number of active rows (flat ``[N]`` mask) where any of ``per_token`` (flat ``[N]``; None
+    skipped) is NaN or +-inf: a float32 0-dim tensor on the data's device, no host sync."""
+    with torch.no_grad():
+        bad = torch.zeros_like(active)
+        for t in per_token:
+            if t is not None:
+                bad = bad | ~torch.isfinite(t.detach().reshape(-1))
+        return (bad & active).sum(dtype=torch.float32)
+
+
 def group_sum(x: torch.Tensor, grp: torch.Tensor, n_groups: int) -> torch.Tensor:
     return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add(0, grp, x)
 

@@ -50,6 +50,30 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
 
 
+LOGPROB_DTYPES = (torch.float32, torch.float64)
+
+
+def check_logprob_input(name: str, t: Optional[torch.Tensor]) -> None:
+    """Per-token log-probs given as data (anchor / reference / old policy): float32 or float64.
+
+    16-bit log-probs are refused rather than cast: bfloat16 keeps 8 significant bits, so a
+    log-prob near -10 is off by up to 0.03, a 3 % error in every ``exp(logp - anchor)`` ratio
+    (float16: 0.004, 0.4 %).
+    ``None`` (an optional anchor left out) passes.
+    """
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in LOGPROB_DTYPES:
+        raise TypeError(
+            f"{name}: expected float32 (or float64) log-probs, got "
+            f"{str(t.dtype).replace('torch.', '')}; near -10 a bfloat16 log-prob is off by up to "
+            f"0.03 (float16: 0.004), which shifts every exp(logp - anchor) ratio: compute them in "
+            f"float32 (linear_logprobs returns float32), or call .float() if that rounding is "
+            f"acceptable")
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import gift_epilogue
+from ..sequences import nonfinite_rows
 from .triton_op import triton_backward, triton_forward
 
 
@@ -34,8 +35,9 @@ class FusedGIFT(torch.autograd.Function):
         loss = out["err"].sum() / denom
         ctx.save_for_backward(hidden, weight, bias, y, lse, out["grad_rows"], denom)
         ctx.cfg = (temperature, softcap)
-        ctx.mark_non_differentiable(out["adv"], out["z"], out["stats"])
-        return loss, out["adv"], out["z"], out["stats"]
+        n_bad = nonfinite_rows(y >= 0, logp, anchor)
+        ctx.mark_non_differentiable(out["adv"], out["z"], out["stats"], n_bad)
+        return loss, out["adv"], out["z"], out["stats"], n_bad
 
     @staticmethod
     def backward(ctx, d_loss, *_unused):
@@ -47,20 +49,23 @@ class FusedGIFT(torch.autograd.Function):
         return (*grads,) + (None,) * 15
 
 
-def gift_metrics(adv, z, stats, drop_uniform: bool, group_size: int):
+def gift_metrics(adv, z, stats, n_bad, drop_uniform: bool, group_size: int):
     """The same metric names as :func:`gift_fast.functional.gift_loss`."""
     with torch.no_grad():
         std_s, rho, defined, uniform = stats.unbind(1)
         n_groups = stats.shape[0]
+        n_div, g_div = max(adv.numel(), 1), max(n_groups, 1)   # an empty batch gives 0, not NaN
         return {
-            "adv_mean": adv.mean(),
-            "z_mean": z.mean(),
-            "z_abs_mean": z.abs().mean(),
-            "implicit_std": std_s.mean() if group_size > 1 else torch.zeros((), device=adv.device),
+            "adv_mean": adv.sum() / n_div,
+            "z_mean": z.sum() / n_div,
+            "z_abs_mean": z.abs().sum() / n_div,
+            "implicit_std": std_s.sum() / g_div if group_size > 1
+            else torch.zeros((), device=adv.device),
             "correlation": rho.sum() / defined.sum().clamp_min(1),
-            "uniform_reward_frac": uniform.mean(),
+            "uniform_reward_frac": uniform.sum() / g_div,
             "loss_groups": (1.0 - uniform).sum() if drop_uniform
-            else torch.tensor(float(n_groups)),
+            else torch.tensor(float(n_groups), device=adv.device),
+            "nonfinite_rows": n_bad,
         }
 
 
@@ -70,9 +75,9 @@ def fused_gift_loss(h2, weight, bias, t1, anchor, rewards, cu_seqlens, group_siz
     """Flattened inputs: h2 [N, H], t1 / anchor [N], rewards [B], cu_seqlens [B+1] int64."""
     B = rewards.numel()
     group_ptr = torch.arange(0, B + 1, group_size, device=h2.device, dtype=torch.int64)
-    loss, adv, z, stats = FusedGIFT.apply(
+    loss, adv, z, stats, n_bad = FusedGIFT.apply(
         h2, weight, bias, t1, anchor.reshape(-1), rewards, cu_seqlens.long().contiguous(),
         group_ptr, float(temperature), softcap, ignore_index, float(beta), float(eps),
         float(length_norm), std == "unbiased", bool(drop_uniform_groups), group_size,
         reduction == "mean")
-    return loss, gift_metrics(adv, z, stats, drop_uniform_groups, group_size)
+    return loss, gift_metrics(adv, z, stats, n_bad, drop_uniform_groups, group_size)
