@@ -3,7 +3,15 @@
 Each function takes per-token log-probs of the policy (with gradient), anchor / reference /
 old-policy log-probs (no gradient), and per-sequence data, and returns ``(loss, metrics)``:
 ``loss`` a scalar (or per-sequence / per-pair values with ``reduction="none"``), ``metrics`` a
-dict of detached 0-dim tensors worth logging (no host sync to produce them).
+dict of detached 0-dim tensors worth logging (no host sync to produce them). Every loss reports
+``nonfinite_rows``: the number of active tokens whose log-prob, or a per-token input at that token
+(anchor / reference / old log-prob, per-token advantage), is NaN or +-inf. Non-finite values are
+not checked on this path (it would cost a host sync): they propagate into the loss and gradients,
+and this count is how to see it. On an empty batch every metric is finite (0).
+
+Per-token log-probs given as data (``anchor_logps``, ``ref_logps``, ``old_logps``) must be
+float32 or float64 (16-bit ones are refused, :func:`gift_fast.validation.check_logprob_input`);
+``logps`` may be any float dtype; rewards, scores and advantages of any float dtype are cast.
 
 Layouts: padded ``logps [B, T]`` with an optional ``mask [B, T]`` (nonzero = active token; None =
 all active), or packed ``logps [N]`` with ``cu_seqlens [B + 1]``. Ignored tokens contribute
@@ -161,7 +169,8 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
     (zero for dropped sequences).
     Metrics: ``adv_mean`` (mean A), ``z_mean``, ``z_abs_mean``, ``implicit_std`` (mean over groups of
     the std of s), ``correlation`` (mean within-group Pearson correlation of s and R over groups
-    where it is defined), ``uniform_reward_frac``, ``loss_groups`` (groups kept).
+    where it is defined), ``uniform_reward_frac``, ``loss_groups`` (groups kept),
+    ``nonfinite_rows`` (active tokens whose log-prob or anchor is NaN or +-inf).
 
     ``data_parallel_group``: a ``torch.distributed`` process group whose ranks each hold part of
     the batch (in rank order). The group statistics (and ``N_seq``, and the metrics) are then those
