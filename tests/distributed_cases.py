@@ -129,6 +129,15 @@ def case_epilogue(res: Results, world: int, rank: int) -> None:
                            drop_uniform=opts.get("drop_uniform_groups", False),
                            reduction=opts.get("reduction", "mean"))
             res.diff(f"epilogue/{name}/spec", _max_diff(total, ref64))
+    # nonfinite_rows counts the whole batch on every rank (sequences 1 and 6 sit on different
+    # ranks for every split but one rank)
+    poisoned = logps.clone()
+    poisoned[1] = poisoned[6] = float("nan")
+    want = int((mask & torch.isnan(poisoned)).sum())
+    _, m = Fn.gift_loss(poisoned[lo:hi], anchor[lo:hi], rewards[lo:hi], mask=mask[lo:hi],
+                        data_parallel_group=dist.group.WORLD,
+                        **_slice_opts(EPILOGUE_OPTS["ids"], lo, hi))
+    res.flag("epilogue/nonfinite_rows", want > 0 and m["nonfinite_rows"].item() == want)
 
 
 def _front_end_inputs(world, rank):

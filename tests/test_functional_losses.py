@@ -168,7 +168,7 @@ def test_gift_float32_and_float16_inputs_accumulate_in_float32():
     ref, _ = Fn.gift_loss(logps, anchor, rewards, mask=mask, group_size=4)
     for dt, tol in ((torch.float32, 1e-5), (torch.float16, 1e-5)):
         lp = logps.detach().to(dt).requires_grad_(True)
-        an = anchor.to(dt)
+        an = anchor.to(dt).float()          # 16-bit values; anchors must be float32 or float64
         ours, _ = Fn.gift_loss(lp, an, rewards.to(dt), mask=mask, group_size=4)
         assert ours.dtype == torch.float32
         # same quantised inputs in float64: only the float32 accumulation differs
