@@ -33,7 +33,7 @@ BACKENDS = ["reference", "torch",
             pytest.param("triton", marks=pytest.mark.skipif(
                 not _triton_available(), reason="gift_fast.backends.triton_op does not import"))]
 
-# name -> (front-end call, takes a per-token anchor, token-local: loss 0 when no row is active)
+# name -> (front-end call, takes a per-token anchor, the loss is 0 when no token is active)
 LOSSES = {
     "gift": (lambda h, w, t, an, r, be: gf.gift_loss(h, w, t, an, r, group_size=G, backend=be),
              True, False),
@@ -50,7 +50,7 @@ LOSSES = {
     "simpo": (lambda h, w, t, an, r, be: gf.simpo_loss(h, w, t, sft_weight=0.2, backend=be),
               False, False),
     "rpo": (lambda h, w, t, an, r, be: gf.rpo_loss(h, w, t, an, r, backend=be), True, False),
-    "rpo_multi": (lambda h, w, t, an, r, be: gf.rpo_loss(h, w, t, an, r, group_size=G, backend=be),
+    "rpo_multi": (lambda h, w, t, an, r, be: gf.rpo_loss(h, w, t, an, r, group_size=4, backend=be),
                   True, False),
     "una": (lambda h, w, t, an, r, be: gf.una_loss(h, w, t, an, backend=be), True, False),
     "una_bce": (lambda h, w, t, an, r, be: gf.una_loss(h, w, t, an, kind="binary_bce", backend=be),
@@ -60,6 +60,9 @@ LOSSES = {
     "dft": (lambda h, w, t, an, r, be: gf.dft_loss(h, w, t, backend=be), False, True),
     "ift": (lambda h, w, t, an, r, be: gf.ift_loss(h, w, t, backend=be), False, True),
 }
+
+# dL/dlogp of a row depends on that row only
+TOKEN_LOCAL = {"grpo", "grpo_seqmean", "fdiv_js", "dft"}
 
 
 def _data(B=4, T=3, seed=0):
@@ -104,6 +107,14 @@ def test_nan_in_hidden_is_counted_and_propagates(name, backend):
     assert math.isnan(loss.item())
     # a NaN row's dlogits reach every entry of dW (each row of dW sums over all live rows)
     assert torch.isnan(gw).all()
+    # dX: the poisoned rows, and for a token-local loss only they (else their sequence, pair or
+    # group too)
+    bad = ~torch.isfinite(gh).all(-1)
+    assert bad[1, 1] and bad[2, 0]
+    if backend != "reference":      # it differentiates the ignored row's logits too
+        assert not bad[0, 0]
+        if name in TOKEN_LOCAL:
+            assert int(bad.sum()) == 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:])
@@ -191,7 +202,7 @@ def test_zero_sequences(name, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_every_row_ignored(name, backend):
-    """Sequences without a token: token-local losses are 0; sequence-level ones take their value
+    """Sequences without a token: token-level losses are 0; sequence-level ones take their value
     at s = 0 (e.g. DPO's log 2), finite; no gradient reaches hidden or weight."""
     hidden, weight, targets, anchor, rewards = _data()
     targets = torch.full_like(targets, -100)
