@@ -662,7 +662,8 @@ def fdiv_sft_loss(logps: torch.Tensor, ref_logps: Optional[torch.Tensor] = None,
     else:
         loss = -_masked(active, phi_f(divergence, u)).sum() / (beta * n_active)
     with torch.no_grad():
-        metrics = {"nll": nll.detach().float(), "implicit_reward_mean": (u.sum() / n_active).float(),
+        metrics = {"nll": nll.detach().float(),
+                   "implicit_reward_mean": (u.sum() / n_active).float(),
                    "nonfinite_rows": nonfinite_rows(active, lp, fl["ref_logps"])}
     return loss, metrics
 

@@ -63,7 +63,8 @@ def test_data_parallel_gift_ddp_fsdp2(world, tmp_path):
         if key.startswith("epilogue/") and key.endswith("/spec"):
             tol = 1e-10             # the single-process value against the float64 spec code
         assert value <= tol, f"world {world}: {key}: max abs diff {value:.3g} > {tol:.1g}"
-    expected_flags = {"epilogue/nonfinite_rows", "errors/detach_stats_false", "errors/group_ids_shape", "errors/group_type",
+    expected_flags = {"epilogue/nonfinite_rows",
+                      "errors/detach_stats_false", "errors/group_ids_shape", "errors/group_type",
                       "fsdp2/gift/params_are_dtensors", "fsdp2/grpo/params_are_dtensors",
                       "dtensor_error/linear_logprobs/torch", "dtensor_error/linear_logprobs/reference",
                       "dtensor_error/linear_logprobs/triton", "dtensor_error/gift_loss_outside_forward",

@@ -217,6 +217,34 @@ def test_every_row_ignored(name, backend):
     assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_rows", [0, 5])
+def test_packed_sequences_without_tokens(backend, n_rows):
+    """Packed layout, three sequences with no active token (one of length 0; no row at all when
+    n_rows = 0): the fused GIFT and one-pass paths on triton, the composed ones elsewhere."""
+    cu = torch.tensor([0, 0, 0, 0] if n_rows == 0 else [0, 2, 2, 5])
+    targets = torch.full((n_rows,), -100)
+    anchor, rewards = torch.zeros(n_rows), torch.tensor([0.3, -1.2, 0.5])
+    calls = {
+        "gift": lambda h, w: gf.gift_loss(h, w, targets, anchor, rewards, group_size=3,
+                                          cu_seqlens=cu, backend=backend),
+        "grpo": lambda h, w: gf.grpo_loss(h, w, targets, anchor, gf.group_advantages(rewards, 3),
+                                          cu_seqlens=cu, backend=backend),
+        "dft": lambda h, w: gf.dft_loss(h, w, targets, cu_seqlens=cu, backend=backend),
+    }
+    for name, call in calls.items():
+        h = torch.randn(n_rows, H, requires_grad=True)
+        w = torch.randn(V, H, requires_grad=True)
+        loss, m = call(h, w)
+        loss.backward()
+        assert math.isfinite(loss.item()), name
+        if name != "gift":
+            assert loss.item() == 0, name
+        assert all(math.isfinite(v.item()) for v in m.values()), (name, m)
+        assert m["nonfinite_rows"].item() == 0
+        assert torch.equal(w.grad, torch.zeros_like(w)), name
+
+
 def test_functional_gift_and_ift_on_zero_sequences():
     """The epilogues themselves (form (a)): the means that used to divide by zero."""
     _, m = Fn.gift_loss(torch.zeros(0, 5, requires_grad=True), torch.zeros(0, 5), torch.zeros(0),
