@@ -76,6 +76,43 @@ def test_log_plot_and_resume_round_trip(tmp_path):
     assert b == a
 
 
+def test_curves_show_both_acceptance_metrics_smoothed_losses_and_the_phase_boundary(
+        tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from gift_fast.train.plotting import plot_runs
+    # A run whose SFT stopped early at step 30 (sft_until), then 40 RL steps.
+    records = ([{"step": s, "phase": "sft", "loss": 3.0 / (1 + s) + 0.1 * (s % 2)}
+                for s in range(30)]
+               + [{"step": s, "phase": "sft_probe", "probe_accuracy": s / 60} for s in (10, 20, 30)]
+               + [{"step": 30 + k, "phase": "rl", "rl_step": k, "reward": 0.5 + 0.1 * (k % 3),
+                   "loss": 1.0 - 0.2 * (k % 2)} for k in range(40)]
+               + [{"step": 30 + k, "phase": "eval", "rl_step": k, "heldout_accuracy": 0.4 + k / 100,
+                   "heldout_reward": 0.5, "heldout_sampled_reward": 0.45 + k / 200}
+                  for k in (0, 20, 40)])
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *a, **kw: figures.append(fig) or real_savefig(fig, *a, **kw))
+    path = plot_runs({"gift": records}, str(tmp_path / "curves.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    axes = figures[0].axes
+    assert all(ax.get_ylabel() for ax in axes)            # every panel (and the twin axis)
+    lines = {line.get_label(): line for ax in axes for line in ax.get_lines()}
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert list(lines["held-out problems, sampled (evaluations)"].get_ydata()) == \
+        [r["heldout_sampled_reward"] for r in evals]
+    assert list(lines["held-out, greedy"].get_ydata()) == [r["heldout_accuracy"] for r in evals]
+    assert lines["RL starts at step 30 (probe accuracy 0.50)"].get_xdata()[0] == 30
+    # Losses: the running mean drawn over the raw values (which stay, faint, behind it).
+    smoothed = lines["gift loss (10-step mean)"].get_ydata()
+    raw = [r["loss"] for r in records if r["phase"] == "rl"]
+    assert any(list(line.get_ydata()) == raw for line in lines.values())
+    assert max(smoothed[10:]) - min(smoothed[10:]) < 0.05 < max(raw) - min(raw)
+
+
 @pytest.mark.parametrize("loss", [l for l in LOSSES if l not in ("gift",)])
 def test_every_loss_trains(loss, tmp_path):
     result = train(TrainConfig(**{**TINY, "sft_steps": 1, "rl_steps": 2, "plot": False},
