@@ -356,7 +356,9 @@ class Trainer:
                     norm = float(torch.nn.utils.clip_grad_norm_(
                         self.model.parameters(), clip if clip > 0 else float("inf"),
                         error_if_nonfinite=True))
-                except RuntimeError:
+                except RuntimeError as exc:
+                    if "non-finite" not in str(exc):
+                        raise
                     norm = float("nan")
                 loss_value = float(loss.detach())
                 # Data-parallel: the gradients are the same on every rank after DDP's
