@@ -252,9 +252,12 @@ def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int
             axes[ax_i].fill_between(x, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
     titles = (f"sampled reward ({window}-step running mean)", "held-out greedy accuracy",
               "held-out sampled reward (at the training temperature)")
-    for ax, title in zip(axes, titles):
+    ylabels = ("mean reward per response (0 to 1)", "exact-match accuracy",
+               "mean reward per response (0 to 1)")
+    for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.set_title(title + "\nmean over seeds, band = min-max")
         ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
