@@ -2,6 +2,8 @@
 
 Bad arguments end with argparse's usage line and a one-line message naming the option (exit
 status 2), never a traceback: every setting is checked by ``config.validate`` before anything runs.
+A run stopped by a non-finite loss or gradient ends with one message naming the step (exit
+status 1).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from .train.config import TrainConfig, validate
+from .train.trainer import NonFiniteError
 from .train.objectives import LOSSES
 
 _DEFAULTS = TrainConfig()
@@ -220,6 +223,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"plot: {result.plot_path}")
     except ValueError as exc:
         train_parser.error(_flag_message(str(exc)))
+    except NonFiniteError as exc:   # not a usage error: no usage line, exit status 1
+        if is_main:
+            print(f"{train_parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

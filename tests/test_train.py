@@ -76,6 +76,43 @@ def test_log_plot_and_resume_round_trip(tmp_path):
     assert b == a
 
 
+def test_curves_show_both_acceptance_metrics_smoothed_losses_and_the_phase_boundary(
+        tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from gift_fast.train.plotting import plot_runs
+    # A run whose SFT stopped early at step 30 (sft_until), then 40 RL steps.
+    records = ([{"step": s, "phase": "sft", "loss": 3.0 / (1 + s) + 0.1 * (s % 2)}
+                for s in range(30)]
+               + [{"step": s, "phase": "sft_probe", "probe_accuracy": s / 60} for s in (10, 20, 30)]
+               + [{"step": 30 + k, "phase": "rl", "rl_step": k, "reward": 0.5 + 0.1 * (k % 3),
+                   "loss": 1.0 - 0.2 * (k % 2)} for k in range(40)]
+               + [{"step": 30 + k, "phase": "eval", "rl_step": k, "heldout_accuracy": 0.4 + k / 100,
+                   "heldout_reward": 0.5, "heldout_sampled_reward": 0.45 + k / 200}
+                  for k in (0, 20, 40)])
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *a, **kw: figures.append(fig) or real_savefig(fig, *a, **kw))
+    path = plot_runs({"gift": records}, str(tmp_path / "curves.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    axes = figures[0].axes
+    assert all(ax.get_ylabel() for ax in axes)            # every panel (and the twin axis)
+    lines = {line.get_label(): line for ax in axes for line in ax.get_lines()}
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert list(lines["held-out problems, sampled (evaluations)"].get_ydata()) == \
+        [r["heldout_sampled_reward"] for r in evals]
+    assert list(lines["held-out, greedy"].get_ydata()) == [r["heldout_accuracy"] for r in evals]
+    assert lines["RL starts at step 30 (probe accuracy 0.50)"].get_xdata()[0] == 30
+    # Losses: the running mean drawn over the raw values (which stay, faint, behind it).
+    smoothed = lines["gift loss (10-step mean)"].get_ydata()
+    raw = [r["loss"] for r in records if r["phase"] == "rl"]
+    assert any(list(line.get_ydata()) == raw for line in lines.values())
+    assert max(smoothed[10:]) - min(smoothed[10:]) < 0.05 < max(raw) - min(raw)
+
+
 @pytest.mark.parametrize("loss", [l for l in LOSSES if l not in ("gift",)])
 def test_every_loss_trains(loss, tmp_path):
     result = train(TrainConfig(**{**TINY, "sft_steps": 1, "rl_steps": 2, "plot": False},
@@ -138,13 +175,180 @@ def test_sft_until_ends_the_warm_start_at_the_target(tmp_path, monkeypatch):
         return out
     fake.calls = 0
     monkeypatch.setattr(trainer_mod, "evaluate", fake)
-    result = train(TrainConfig(**{**TINY, "sft_steps": 50, "plot": False}, sft_until=0.5,
-                               out_dir=str(tmp_path / "u")))
+    bars = []
+    real_bar = trainer_mod.Trainer._progress_bar
+    monkeypatch.setattr(trainer_mod.Trainer, "_progress_bar",
+                        lambda self, phase: bars.append(real_bar(self, phase)) or bars[-1])
+    cfg = TrainConfig(**{**TINY, "sft_steps": 50, "plot": False, "progress": True},
+                      sft_until=0.5, out_dir=str(tmp_path / "u"))
+    result = train(cfg)
     phases = [r["phase"] for r in result.records]
     assert phases.count("sft") == 4 and phases.count("sft_probe") == 2 and phases.count("rl") == 4
     with open(tmp_path / "u" / "config.json") as f:
         assert json.load(f)["sft_steps"] == 4   # where RL started, for resume and warm starts
+    assert result.config.sft_steps == 4 and cfg.sft_steps == 50   # the caller's config unchanged
+    # One bar per phase: SFT's counts to its limit and closes where SFT stopped; RL's is exact.
+    assert [(b.total, b.n) for b in bars] == [(50, 4), (4, 4)]
+    assert bars[0].desc.startswith("SFT reached train acc >= 0.5 at step 4")
+    assert bars[1].desc == "RL gift"
 
+
+
+def _at_step(monkeypatch, step, poison):
+    """Runs ``poison(trainer)`` (a context manager) around the optimisation of step ``step``."""
+    from gift_fast.train.trainer import Trainer
+    real = Trainer._optimise
+
+    def optimise(self, *args, **kwargs):
+        if self.step != step:
+            return real(self, *args, **kwargs)
+        with poison(self):
+            return real(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "_optimise", optimise)
+
+
+def _nan_loss(monkeypatch, seen):
+    """Poison: the loss (and so every gradient) of the step is NaN; records the bytes of the
+    checkpoint on disk just before, i.e. the last good one."""
+    import contextlib
+    from gift_fast.train import distributed
+
+    @contextlib.contextmanager
+    def poison(trainer):
+        path = os.path.join(trainer.cfg.out_dir, "checkpoint.pt")
+        seen["checkpoint"] = open(path, "rb").read() if os.path.exists(path) else None
+        real = distributed.data_parallel_loss
+
+        def nan_loss(*args, **kwargs):
+            to_backward, loss, metrics = real(*args, **kwargs)
+            return to_backward * float("nan"), loss * float("nan"), metrics
+        monkeypatch.setattr(distributed, "data_parallel_loss", nan_loss)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(distributed, "data_parallel_loss", real)
+    return poison
+
+
+# TINY has 3 SFT steps and 4 RL steps (2 mini-batches each); save_every=2 writes checkpoints
+# after steps 1, 3 and 5 (at step counts 2, 4, 6): the poisoned step comes right after one.
+@pytest.mark.parametrize("bad_step, saved_step, phase, where", [
+    (2, 2, "sft", "SFT step 2:"), (5, 4, "rl", "RL step 2 of gift (step 5 in metrics.jsonl)")])
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+        bad_step, saved_step, phase, where, tmp_path, monkeypatch):
+    import torch
+    from gift_fast.train import NonFiniteError
+    seen = {}
+    _at_step(monkeypatch, bad_step, _nan_loss(monkeypatch, seen))
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteError) as exc:
+        train(TrainConfig(**{**TINY, "plot": False}, save_every=2, out_dir=str(run)))
+    message = str(exc.value)
+    assert message.startswith(f"non-finite values at {where}") and ": loss = nan;" in message, \
+        message
+    assert "gradient non-finite in all " in message
+    assert f"(step {saved_step}), holds the last good weights" in message, message
+    assert exc.value.step == bad_step and exc.value.phase == phase
+    # The checkpoint is byte for byte the one written before the poisoned step (without the
+    # check, the NaN step would be taken and the next save, at step count 4 or 6, poisoned).
+    assert seen["checkpoint"] is not None
+    assert (run / "checkpoint.pt").read_bytes() == seen["checkpoint"]
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == saved_step
+    assert all(torch.isfinite(w).all() for w in state["model"].values())
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+    records = read_log(run / "metrics.jsonl")
+    assert records[-1]["phase"] == "stopped" and records[-1]["error"] == message
+    assert [r["step"] for r in records if r["phase"] in ("sft", "rl")] == list(range(bad_step))
+
+
+def test_non_finite_gradient_is_named(tmp_path, monkeypatch):
+    """A finite loss with one parameter's gradient NaN: the error names that parameter."""
+    import contextlib
+    from gift_fast.train import NonFiniteError
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    @contextlib.contextmanager
+    def poison(trainer):
+        handle = dict(trainer.model.named_parameters())[name].register_hook(
+            lambda g: g * float("nan"))
+        try:
+            yield
+        finally:
+            handle.remove()
+    _at_step(monkeypatch, 1, poison)
+    with pytest.raises(NonFiniteError) as exc:
+        train(TrainConfig(**{**TINY, "plot": False}, out_dir=str(tmp_path / "g")))
+    message = str(exc.value)
+    assert message.startswith(f"non-finite values at SFT step 1: gradient non-finite in 1 of "), \
+        message
+    assert f"parameters ({name})." in message and "no checkpoint was written yet" in message
+    assert "loss =" not in message
+    assert not (tmp_path / "g" / "checkpoint.pt").exists()
+
+
+def test_checkpoints_refuse_non_finite_weights_and_are_written_atomically(tmp_path, monkeypatch):
+    import torch
+    from gift_fast.train import NonFiniteError, checkpoint
+    from gift_fast.train.trainer import Trainer
+    trainer = Trainer(TrainConfig(**{**TINY, "plot": False}, out_dir=str(tmp_path / "c")))
+    path = trainer.save()
+    good = open(path, "rb").read()
+    # A crash mid-write (here: after half the bytes) leaves the previous checkpoint intact.
+    real_save = torch.save
+
+    def crash(state, f):
+        real_save(state, f)
+        f.truncate(f.tell() // 2)
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert open(path, "rb").read() == good
+    assert os.listdir(tmp_path / "c").count("checkpoint.pt") == 1
+    assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".tmp")]
+    # Non-finite weights are never written.
+    with torch.no_grad():
+        trainer.model.model.norm.weight[3] = float("inf")
+    with pytest.raises(NonFiniteError, match="non-finite weights .*model.norm.weight"):
+        trainer.save()
+    assert open(path, "rb").read() == good
+
+
+def test_cli_reports_a_non_finite_loss_in_one_line(tmp_path, monkeypatch, capsys):
+    _at_step(monkeypatch, 2, _nan_loss(monkeypatch, {}))
+    code = main(["train", "--vocab", "64", "--sft-steps", "1", "--rl-steps", "2",
+                 "--prompts-per-step", "2", "--group-size", "2", "--n-heldout", "4",
+                 "--threads", "1", "--no-progress", "--no-plot", "--save-every", "1",
+                 "--out-dir", str(tmp_path / "cli")])
+    assert code == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err and len(err) == 1, captured.err
+    assert err[0].startswith("gift-fast train: error: non-finite values at RL step 1 of gift "
+                             "(step 2 in metrics.jsonl), update 1 of 2: loss = nan;"), err
+    assert "log:" not in captured.out
+
+
+def test_train_twice_with_one_config_makes_two_runs(tmp_path, monkeypatch):
+    """The trainer resolves its output directory and SFT length into its own copy of the config
+    (TrainConfig is frozen): a second run from the same object is a new run in a new directory."""
+    import copy
+    import dataclasses
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(**{**TINY, "plot": False}, name="twice")
+    before = copy.deepcopy(cfg)
+    first = train(cfg)
+    files = {f: (tmp_path / first.out_dir / f).read_bytes()
+             for f in ("metrics.jsonl", "checkpoint.pt", "config.json")}
+    second = train(cfg)
+    assert cfg == before and cfg.out_dir is None
+    assert first.out_dir == os.path.join("runs", "twice") == first.config.out_dir
+    assert second.out_dir == os.path.join("runs", "twice-2") == second.config.out_dir
+    assert all((tmp_path / first.out_dir / f).read_bytes() == b for f, b in files.items())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.out_dir = "elsewhere"
 
 
 def test_memory_report_in_the_same_run(tmp_path):

@@ -61,6 +61,22 @@ def test_two_ranks_learn_like_one_process_on_the_union_of_their_prompts(tmp_path
 
 
 @needs_gloo
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    out = str(tmp_path / "report")
+    spawn_and_wait(train_dp_cases.run_non_finite, (2, free_port(), out, str(tmp_path)), 2,
+                   SPAWN_TIMEOUT_S, "train data-parallel, NaN on rank 1")
+    outcomes = [json.load(open(f"{out}.rank{r}")) for r in range(2)]
+    step = train_dp_cases.NAN_STEP
+    for rank, o in enumerate(outcomes):
+        assert o["error"] and o["error"].startswith(
+            f"non-finite values at RL step 1 of gift (step {step} in metrics.jsonl)"), (rank, o)
+        assert o["step"] == step and o["phase"] == "rl" and "loss = nan" in o["error"], (rank, o)
+    checkpoint = torch.load(tmp_path / "nan-dp" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == step
+    assert all(torch.isfinite(w).all() for w in checkpoint["model"].values())
+
+
+@needs_gloo
 def test_torchrun_cli_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

@@ -173,3 +173,44 @@ def run(rank: int, world: int, port: int, out_path: str, tmp: str) -> None:
             json.dump({"report": report, "errors": errors}, f, indent=1)
     finally:
         dist.destroy_process_group()
+
+
+NAN_STEP = SFT_STEPS + 1   # the second RL step
+
+
+def run_non_finite(rank: int, world: int, port: int, out_path: str, tmp: str) -> None:
+    """Rank 1's loss (not its gradient) is NaN at step NAN_STEP: every rank must stop there with
+    a NonFiniteError (one rank stopping alone would leave the other waiting in a collective)."""
+    from gift_fast.train import distributed
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=180))
+    real_loss, real_optimise = distributed.data_parallel_loss, trainer_module.Trainer._optimise
+
+    def nan_share(*args, **kwargs):
+        to_backward, share, metrics = real_loss(*args, **kwargs)
+        return to_backward, share * float("nan"), metrics
+
+    def optimise(self, *args, **kwargs):
+        poison = self.step == NAN_STEP and rank == 1
+        distributed.data_parallel_loss = nan_share if poison else real_loss
+        try:
+            return real_optimise(self, *args, **kwargs)
+        finally:
+            distributed.data_parallel_loss = real_loss
+
+    outcome = {}
+    trainer_module.Trainer._optimise = optimise
+    try:
+        cfg = TrainConfig(**{**BASE, "save_every": 1}, loss="gift", out_dir=f"{tmp}/nan-dp")
+        trainer_module.Trainer(cfg, DataParallel(rank, world)).run()
+        outcome["error"] = None
+    except trainer_module.NonFiniteError as exc:
+        outcome.update(error=str(exc), step=exc.step, phase=exc.phase)
+    except Exception:
+        outcome["error"] = "not a NonFiniteError: " + traceback.format_exc()
+    finally:
+        trainer_module.Trainer._optimise = real_optimise
+        with open(f"{out_path}.rank{rank}", "w") as f:
+            json.dump(outcome, f)
+        dist.destroy_process_group()

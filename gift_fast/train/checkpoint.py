@@ -28,9 +28,19 @@ def save_checkpoint(path: str, *, model, optimizer, step: int, config: dict,
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "ref_model": None if ref_model is None else ref_model.state_dict(),
     }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    # Written next to ``path`` and renamed over it (atomic on one filesystem): a crash or a full
+    # disk mid-write leaves the previous checkpoint as it was, never a truncated one.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "rng")

@@ -1,4 +1,7 @@
-"""Training configuration: one dataclass, shared by the Python API and the CLI."""
+"""Training configuration: one dataclass, shared by the Python API and the CLI.
+
+Frozen: a run never changes its caller's config. What a run resolves while it runs (its output
+directory, where ``sft_until`` ended SFT) lives in the run's own copy (``TrainResult.config``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # What to train
     loss: str = "gift"

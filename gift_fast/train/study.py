@@ -229,7 +229,7 @@ def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .plotting import _smooth
+    from .plotting import smooth
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for loss, seeds in records.items():
@@ -241,7 +241,7 @@ def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int
                 rows = [r for r in recs if r.get("phase") == phase]
                 x = [r["rl_step"] for r in rows]
                 y = [r.get(key, np.nan) for r in rows]
-                per_seed.append((x, _smooth(y, window) if phase == "rl" else np.asarray(y)))
+                per_seed.append((x, smooth(y, window) if phase == "rl" else np.asarray(y)))
             n = min(len(y) for _, y in per_seed)
             x = per_seed[0][0][:n]
             ys = np.stack([y[:n] for _, y in per_seed])
@@ -252,9 +252,12 @@ def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int
             axes[ax_i].fill_between(x, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
     titles = (f"sampled reward ({window}-step running mean)", "held-out greedy accuracy",
               "held-out sampled reward (at the training temperature)")
-    for ax, title in zip(axes, titles):
+    ylabels = ("mean reward per response (0 to 1)", "exact-match accuracy",
+               "mean reward per response (0 to 1)")
+    for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.set_title(title + "\nmean over seeds, band = min-max")
         ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import math
 import os
 import random
 import time
@@ -38,6 +39,17 @@ class TrainResult:
     plot_path: Optional[str]
     records: List[Dict]
     summary: Dict = field(default_factory=dict)
+    config: Optional[TrainConfig] = None   # the run's settings as resolved (out_dir, sft_steps)
+
+
+class NonFiniteError(RuntimeError):
+    """A training step produced a non-finite loss or gradient. Raised before the optimiser step,
+    so the weights, the optimiser state and every checkpoint written so far are those of the
+    last good step. ``phase`` is "sft" or "rl", ``step`` the step's index in metrics.jsonl."""
+
+    def __init__(self, message: str, phase: str, step: int, checkpoint: Optional[str] = None):
+        super().__init__(message)
+        self.phase, self.step, self.checkpoint = phase, step, checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -193,6 +205,8 @@ class Trainer:
         elif cfg.warm_start is not None:
             self.warm_state = load_checkpoint(cfg.warm_start, "warm_start")
             cfg = check_warm_start(cfg, self.warm_state)
+        # The run's own copy (TrainConfig is frozen): out_dir and, when sft_until ends SFT early,
+        # sft_steps are resolved into it, never into the caller's config.
         self.cfg = cfg
         self.device = dp.local_device(resolve_device(cfg.device), parallel)
         if cfg.threads:
@@ -208,8 +222,11 @@ class Trainer:
         self.loss_root = dp.wrap(self.model, parallel, self.device)
         self.ref_model = None
         self.step = 0
+        self.saved_step: Optional[int] = None   # the step of the last checkpoint this run wrote
+        self.last_eval: Optional[Dict] = None
         self.optimizer = make_optimizer(self.model, cfg.sft_lr if cfg.sft_steps else cfg.lr, cfg)
-        cfg.out_dir = dp.broadcast_object(cfg.out_dir or default_out_dir(cfg), parallel)
+        self.cfg = cfg = cfg.replace(
+            out_dir=dp.broadcast_object(cfg.out_dir or default_out_dir(cfg), parallel))
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
         if self.resume_state is not None:
@@ -247,6 +264,8 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.step = state["step"]
+        if os.path.abspath(checkpoint_path(self.cfg.resume)) == os.path.abspath(self.saved_path):
+            self.saved_step = self.step
         if self.step >= self.cfg.sft_steps:
             self._start_rl(log_eval=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -263,13 +282,32 @@ class Trainer:
         if self.parallel is None:
             restore_rng(state, self.data_rng)
 
+    @property
+    def saved_path(self) -> str:
+        return os.path.join(self.cfg.out_dir, CHECKPOINT_NAME)
+
     def save(self) -> Optional[str]:
+        # Every rank checks (the weights are the same on all), so all of them stop together.
+        # The gradient check in _optimise makes this unreachable short of an overflowing update;
+        # it is what guarantees that no checkpoint ever holds non-finite weights.
+        bad = [name for name, p in self.model.named_parameters()
+               if not bool(torch.isfinite(p).all())]
+        if bad:
+            phase = "sft" if self.step <= self.cfg.sft_steps else "rl"
+            kept = ("no checkpoint was written yet" if self.saved_step is None else
+                    f"{self.saved_path} still holds step {self.saved_step}")
+            raise NonFiniteError(
+                f"non-finite weights after step {self.step - 1} in {LOG_NAME} "
+                f"({', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}); the checkpoint "
+                f"was not written, {kept}.", phase, self.step - 1,
+                None if self.saved_step is None else self.saved_path)
         if not self.is_main:   # the weights are the same on every rank
             return None
-        path = os.path.join(self.cfg.out_dir, CHECKPOINT_NAME)
+        path = self.saved_path
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, step=self.step,
                         config=self.cfg.to_dict(), data_rng=self.data_rng,
                         ref_model=self.ref_model)
+        self.saved_step = self.step
         return path
 
     # -- phases ------------------------------------------------------------------------------
@@ -288,6 +326,7 @@ class Trainer:
                   **evaluate(self.model, self.task, self.device, self.cfg, self.compute_dtype,
                              parallel=self.parallel, samples=self.cfg.eval_samples)}
         self.log.write(record)
+        self.last_eval = record
         return record
 
     def _optimise(self, batch: Batch, loss_name: str, passes: int = 1,
@@ -299,8 +338,9 @@ class Trainer:
         Data-parallel: ``batch`` is this rank's share and ``loss`` its share of the whole-batch
         loss (train/distributed.py)."""
         losses, metrics, norms, clip = [], {}, [], self.cfg.grad_clip
-        for _ in range(passes):
-            for part in split_groups(batch, mini_batches):
+        for pass_index in range(passes):
+            parts = split_groups(batch, mini_batches)
+            for part_index, part in enumerate(parts):
                 self.optimizer.zero_grad(set_to_none=True)
                 to_backward, loss, part_metrics = dp.data_parallel_loss(
                     self.loss_root, loss_name, part, self.cfg, self.compute_dtype, self.parallel)
@@ -308,10 +348,29 @@ class Trainer:
                     continue
                 metrics = part_metrics or metrics
                 to_backward.backward()
-                norm = float(torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), clip if clip > 0 else float("inf")))
+                # One host sync per update (the loss and the gradient norm are logged anyway):
+                # a non-finite loss or gradient stops the run here, before the optimiser step,
+                # so neither the weights nor any checkpoint ever see it. error_if_nonfinite
+                # raises before the gradients are scaled, so they still show which one it was.
+                try:
+                    norm = float(torch.nn.utils.clip_grad_norm_(
+                        self.model.parameters(), clip if clip > 0 else float("inf"),
+                        error_if_nonfinite=True))
+                except RuntimeError as exc:
+                    if "non-finite" not in str(exc):
+                        raise
+                    norm = float("nan")
+                loss_value = float(loss.detach())
+                # Data-parallel: the gradients are the same on every rank after DDP's
+                # all-reduce, the loss share is not; its sum over ranks is non-finite if any is.
+                whole_loss = dp.all_reduce_sums([loss_value], self.parallel)[0]
+                if not (math.isfinite(whole_loss) and math.isfinite(norm)):
+                    where = ("" if passes * len(parts) == 1 else
+                             f", update {pass_index * len(parts) + part_index + 1} of "
+                             f"{passes * len(parts)}")
+                    raise self._non_finite(whole_loss, norm, where)
                 self.optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss_value)
                 norms.append(norm)
         # grad_norm is the norm before clipping; grad_norm_clipped is the norm of the step taken.
         return {"loss": float(np.mean(losses)) if losses else None,
@@ -320,6 +379,35 @@ class Trainer:
                 "grad_norm_clipped": float(np.mean([min(n, clip) if clip > 0 else n
                                                     for n in norms])) if norms else 0.0,
                 "updates": len(losses), "metrics": metrics}
+
+    def _non_finite(self, loss: float, norm: float, where: str) -> NonFiniteError:
+        """The error for a non-finite loss or gradient at the current step: what, where, and
+        what was kept."""
+        phase = "sft" if self.step < self.cfg.sft_steps else "rl"
+        what = []
+        if not math.isfinite(loss):
+            what.append(f"loss = {loss}")
+        bad = [name for name, p in self.model.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            n = sum(1 for _ in self.model.parameters())
+            what.append(f"gradient non-finite in {'all ' if len(bad) == n else ''}{len(bad)} of "
+                        f"{n} parameters ({shown})")
+        elif not math.isfinite(norm):
+            what.append(f"gradient norm = {norm} (every gradient finite: the norm overflowed)")
+        step = (f"SFT step {self.step}" if phase == "sft" else
+                f"RL step {self.step - self.cfg.sft_steps} of {self.cfg.loss} "
+                f"(step {self.step} in {LOG_NAME})")
+        if self.saved_step is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = (f"the last checkpoint, {self.saved_path} (step {self.saved_step}), holds the "
+                    "last good weights")
+        message = (f"non-finite values at {step}{where}: {'; '.join(what)}. Training stopped "
+                   f"before the optimiser step; {kept}.")
+        return NonFiniteError(message, phase, self.step,
+                              self.saved_path if self.saved_step is not None else None)
 
     def _sft_step(self) -> Dict:
         problems = self.task.sample(self.data_rng, self.sft_batch)
@@ -364,48 +452,71 @@ class Trainer:
                 "_tokens": batch.sequences.numel() + train_batch.sequences.numel()}
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def _progress_bar(self, phase: str):
+        """One bar per phase, each with its exact length: SFT's total is its limit (sft_until
+        usually ends it earlier; the bar then closes where it stopped), RL's is rl_steps."""
         from tqdm.auto import tqdm
         cfg = self.cfg
-        total = cfg.sft_steps + cfg.rl_steps
+        if phase == "sft":
+            until = (f" until train acc >= {cfg.sft_until:g}, at most {cfg.sft_steps} steps"
+                     if cfg.sft_until is not None else "")
+            desc, total, done = f"SFT{until}", cfg.sft_steps, self.step
+        else:
+            desc, total, done = f"RL {cfg.loss}", cfg.rl_steps, self.step - cfg.sft_steps
+        return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True,
+                    disable=not (cfg.progress and self.is_main))
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
         start_time = time.perf_counter()
-        bar = tqdm(total=total, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc=cfg.loss, dynamic_ncols=True)
-        if self.step == cfg.sft_steps and self.step < total and self.resume_state is None:
-            self._start_rl()  # no warm start at all
-        last_eval = None
-        while self.step < total:
-            t0 = time.perf_counter()
-            record = self._sft_step() if self.step < cfg.sft_steps else self._rl_step()
-            seconds = time.perf_counter() - t0
-            tokens = record.pop("_tokens")
-            record = {"step": self.step, **record, "tokens_per_s": tokens / seconds,
-                      "step_s": seconds, "peak_mem_mib": peak_memory_mib(self.device)}
-            record = dp.reduce_record(record, self.parallel)
-            self.log.write(record)
-            self.step += 1
-            if self.step < cfg.sft_steps and self._sft_target_reached():
-                # The warm start is good enough: RL starts now; sft_steps records where.
-                cfg.sft_steps = self.step
+        bar, bar_phase = None, None
+        try:
+            if self.step == cfg.sft_steps and cfg.rl_steps and self.resume_state is None:
+                self._start_rl()  # no warm start at all
+            while self.step < cfg.sft_steps + cfg.rl_steps:
+                phase = "sft" if self.step < cfg.sft_steps else "rl"
+                if phase != bar_phase:
+                    if bar is not None:
+                        bar.close()
+                    bar, bar_phase = self._progress_bar(phase), phase
+                t0 = time.perf_counter()
+                record = self._sft_step() if phase == "sft" else self._rl_step()
+                seconds = time.perf_counter() - t0
+                tokens = record.pop("_tokens")
+                record = {"step": self.step, **record, "tokens_per_s": tokens / seconds,
+                          "step_s": seconds, "peak_mem_mib": peak_memory_mib(self.device)}
+                record = dp.reduce_record(record, self.parallel)
+                self.log.write(record)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(_postfix(record, self.last_eval), refresh=False)
+                if self.step < cfg.sft_steps and self._sft_target_reached():
+                    # The warm start is good enough: RL starts now; sft_steps records where.
+                    self.cfg = cfg = cfg.replace(sft_steps=self.step)
+                    self._write_config()
+                    bar.set_description(f"SFT reached train acc >= {cfg.sft_until:g} at step "
+                                        f"{self.step}", refresh=False)
+                if self.step == cfg.sft_steps:
+                    self._start_rl()
+                rl_step = self.step - cfg.sft_steps
                 total = cfg.sft_steps + cfg.rl_steps
-                bar.total = total
-                self._write_config()
-            if self.step == cfg.sft_steps:
-                self._start_rl()
-            rl_step = self.step - cfg.sft_steps
-            if rl_step > 0 and (rl_step % cfg.eval_every == 0 or self.step == total):
-                last_eval = self._eval()
-            if self.step % cfg.save_every == 0 or self.step == total:
-                self.save()
-            bar.update(1)
-            bar.set_postfix(_postfix(record, last_eval), refresh=False)
-        bar.close()
+                if rl_step > 0 and (rl_step % cfg.eval_every == 0 or self.step == total):
+                    self._eval()
+                if self.step % cfg.save_every == 0 or self.step == total:
+                    self.save()
+        except NonFiniteError as exc:
+            # The log ends with why the run stopped (a resume cuts it back to the checkpoint).
+            self.log.write({"step": exc.step, "phase": "stopped", "error": str(exc)})
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         memory = None
         if self.is_main and (cfg.memory_report or
                              (cfg.memory_report is None and cfg.model == "qwen2")):
             memory = self._memory_report()
         result = TrainResult(cfg.out_dir, self.log.path, None, self.log.records,
-                             summarise(self.log.records))
+                             summarise(self.log.records), config=cfg)
         if memory is not None:
             from .memory import format_report
             result.summary["memory"] = format_report(memory)
