@@ -123,6 +123,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--save-every", type=_positive_int, default=d.save_every,
                      help="steps between checkpoints (also written at the end)")
     out.add_argument("--out-dir", default=None, help="output directory (unset: runs/<name>-<timestamp>)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="let a new run replace the run already in --out-dir (default: refuse)")
     out.add_argument("--name", default=None, help="run name (unset: <loss>-<timestamp>)")
     out.add_argument("--resume", default=None, metavar="PATH",
                      help="checkpoint file or run directory to continue; only --rl-steps (longer) "

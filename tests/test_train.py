@@ -497,3 +497,22 @@ def test_ift_loss_pushes_confident_late_tokens_down():
     lp0 = (-nll).requires_grad_()
     grad0, = torch.autograd.grad(ift_loss(lp0, gamma=0.0)[0], lp0)
     assert (grad0 < 0).all()
+
+
+def test_a_new_run_never_replaces_another_run(tmp_path):
+    """An explicit out_dir that holds a run is refused (its log and checkpoint stay as they were)
+    unless the caller asks for --overwrite; a resume continues it instead."""
+    run = tmp_path / "kept"
+    cfg = TrainConfig(**{**TINY, "plot": False}, out_dir=str(run))
+    train(cfg)
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "checkpoint.pt")}
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    with pytest.raises(SystemExit):
+        main(["train", "--vocab", "64", "--sft-steps", "2", "--rl-steps", "2", "--threads", "1",
+              "--no-progress", "--no-plot", "--out-dir", str(run)])
+    assert {name: (run / name).read_bytes() for name in before} == before
+    replaced = train(cfg.replace(overwrite=True, seed=1))
+    assert replaced.out_dir == str(run)
+    assert (run / "metrics.jsonl").read_bytes() != before["metrics.jsonl"]

@@ -42,6 +42,7 @@ class TrainConfig:
     n_heldout: int = 256
     save_every: int = 100
     out_dir: Optional[str] = None       # default runs/<name>
+    overwrite: bool = False             # a new run may replace a run already in out_dir
     name: Optional[str] = None
     resume: Optional[str] = None        # a checkpoint file or a run directory
     warm_start: Optional[str] = None    # checkpoint of a finished SFT-only run: skip the SFT phase

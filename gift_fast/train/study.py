@@ -44,7 +44,7 @@ def study_dir(cfg: TrainConfig, losses: Sequence[str]) -> str:
 
 
 # Settings that do not change what a run computes: a finished run with other values is reused.
-_PRESENTATION = ("out_dir", "progress", "plot", "memory_report", "save_every", "name",
+_PRESENTATION = ("out_dir", "overwrite", "progress", "plot", "memory_report", "save_every", "name",
                  "warm_start", "resume")
 
 
@@ -72,8 +72,9 @@ def finished_run(cfg: TrainConfig, out_dir: str) -> Optional[List[Dict]]:
 def make_warm_start(cfg: TrainConfig, out_dir: str) -> str:
     """The SFT phase alone (``rl_steps=0``), run once and shared by every loss of this seed."""
     from .trainer import Trainer
+    # overwrite: an unfinished warm start in the study's own directory is run again
     cfg = cfg.replace(rl_steps=0, out_dir=out_dir, plot=False, memory_report=False,
-                      warm_start=None, resume=None)
+                      warm_start=None, resume=None, overwrite=True)
     if finished_run(cfg, out_dir) is not None and os.path.isfile(
             os.path.join(out_dir, "checkpoint.pt")):
         return out_dir
@@ -279,7 +280,8 @@ def run_study(cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int]) -> 
         warm = make_warm_start(seed_cfg.replace(loss=losses[0]),
                                os.path.join(base, WARM_START_DIR.format(seed=seed)))
         for loss in losses:
-            run_cfg = seed_cfg.replace(loss=loss, warm_start=warm, plot=False,
+            # overwrite: a finished run is reused below; an unfinished one is run again
+            run_cfg = seed_cfg.replace(loss=loss, warm_start=warm, plot=False, overwrite=True,
                                        out_dir=os.path.join(base, RUN_DIR.format(loss=loss,
                                                                                  seed=seed)))
             records = finished_run(run_cfg, run_cfg.out_dir)

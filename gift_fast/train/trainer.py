@@ -82,6 +82,18 @@ def unused_path(path: str) -> str:
     return candidate
 
 
+def run_files_in(out_dir: str) -> List[str]:
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+
+
+def check_no_run_in(out_dir: str, held: List[str]) -> None:
+    """A new run never replaces another run's log or checkpoint without being told to."""
+    if held:
+        raise ValueError(f"out_dir: {out_dir!r} already holds a run ({', '.join(held)}); choose "
+                         "another --out-dir, continue that run with --resume, or pass "
+                         "--overwrite (TrainConfig(overwrite=True)) to replace it")
+
+
 @torch.no_grad()
 def evaluate(model, task: AdditionTask, device, cfg: TrainConfig, compute_dtype,
              problems=None, prefix: str = "heldout", parallel=None, samples: int = 0) -> Dict:
@@ -124,7 +136,9 @@ SFT_PROBE_PROBLEMS, SFT_PROBE_EVERY = 256, 10
 
 # Settings a resumed run may change: how long it runs and how it reports, not what it computes.
 RESUME_MAY_CHANGE = ("rl_steps", "eval_every", "eval_samples", "save_every", "memory_report",
-                     "device", "threads", "progress", "plot")
+                     "device", "threads", "progress", "plot", "overwrite")
+# Files whose presence means a directory already holds a run (a new run must not replace it).
+RUN_FILES = ("metrics.jsonl", "summary.json", CHECKPOINT_NAME)
 # Settings that define a warm start: an RL run can only start from an SFT run that used them.
 WARM_START_KEYS = ("model", "vocab", "seed", "sft_steps", "sft_batch", "sft_lr", "weight_decay",
                    "n_heldout")
@@ -227,6 +241,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.sft_lr if cfg.sft_steps else cfg.lr, cfg)
         self.cfg = cfg = cfg.replace(
             out_dir=dp.broadcast_object(cfg.out_dir or default_out_dir(cfg), parallel))
+        if self.resume_state is None and not cfg.overwrite:   # rank 0's verdict on every rank
+            check_no_run_in(cfg.out_dir, dp.broadcast_object(
+                run_files_in(cfg.out_dir) if self.is_main else None, parallel))
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
         if self.resume_state is not None:
