@@ -56,12 +56,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     which = resolve_backend(backend, getattr(hidden, "device", torch.device("cpu")))
     if vocab_parallel_group is not None:
         from .distributed.vocab_parallel import vocab_shard
-        if which == "reference":
+        h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
+                                           ignore_index, check_targets=False)
+        if which == "reference":    # raised on every rank before any collective
             raise ValueError("backend: vocab_parallel_group works with 'torch' or 'triton' (or "
                              "'auto'), got 'reference'; for an oracle, gather the full weight and "
                              "call linear_logprobs without the group")
-        h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
-                                           ignore_index, check_targets=False)
         shard = vocab_shard(vocab_parallel_group, weight.shape[0], h2.shape[0], h2.device,
                             vocab_start_index, targets=t1)
         check_target_range(t1, shard.vocab_size, ignore_index)
@@ -133,7 +133,8 @@ class LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, local_targets, active, lse, entropy = ctx.saved_tensors
         backend, temperature, softcap, group_name = ctx.cfg
         acc = lse.dtype
-        g = torch.where(active, d_logp.to(acc), 0.0) if d_logp is not None else torch.zeros_like(lse)
+        g = (torch.where(active, d_logp.to(acc), 0.0) if d_logp is not None
+             else torch.zeros_like(lse))
         e = None
         if entropy is not None and d_entropy is not None:
             e = torch.where(active, d_entropy.to(acc), 0.0)

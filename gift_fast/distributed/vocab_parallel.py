@@ -2,13 +2,13 @@
 
 Rank r of the group holds the contiguous rows [start_r, end_r) of the [V, H] lm_head (and of its
 bias); shard sizes may differ. ``hidden`` and ``targets`` (global token ids) are the same on every
-rank. Each rank streams its own shard through its backend's ``stats`` (:mod:`gift_fast.backends.protocol`:
-per-row lse, target logit, entropy, max and argmax), then a few [N] vectors are all-reduced over
-the group (:func:`combine`):
+rank. Each rank streams its own shard through its backend's ``stats``
+(:mod:`gift_fast.backends.protocol`: per-row lse, target logit, entropy, max and argmax), then a
+few [N] vectors are all-reduced over the group (:func:`combine`):
 
     all_reduce MAX  [lse_r, max_r]                                  -> M, global max logit
     all_reduce SUM  [exp(lse_r - M), z_y on its owner, entropy term] -> lse, z_y, entropy
-    all_reduce MIN  global index of the local argmax where max_r is the global max
+    all_reduce MIN  (argmax asked) global index of the local argmax where max_r is the global max
                     (the lowest global index wins ties, as torch.argmax on the full logits)
 
 Entropy: with a_r = lse_r - M and w_r = exp(a_r), S = sum_r w_r, the global
