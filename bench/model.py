@@ -253,7 +253,7 @@ class Model:
         ]
 
     def backward_kernels(self, n_live, plan):
-        """The kernels ``triton_backward`` launches for this plan (order, step)."""
+        """The kernels ``triton_op.grad`` launches for this plan (order, step)."""
         n, h, v, e = self.n, self.h, self.v, self.e
         partial = n_live < n
         ks = [self.torch_op("live rows (mask, nonzero: host sync)", n * 8, n * 9, launches=3,

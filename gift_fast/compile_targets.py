@@ -263,12 +263,6 @@ def _drive(case: Case, full: bool) -> None:
                     out.sum().backward()
         with torch.no_grad():       # inference path: forward only
             gf.linear_logprobs(hidden, weight, targets, return_entropy=case.entropy, **kw)
-            # The per-shard statistics of the vocabulary-parallel path also write the row max.
-            from .distributed.vocab_parallel import _triton_local_stats
-            _triton_local_stats(hidden.detach(), weight.detach(),
-                                None if bias is None else bias.detach(),
-                                torch.where(targets < 0, -1, targets), kw["temperature"],
-                                kw["softcap"], case.entropy)
         # The losses below run the same forward/backward kernels with the entropy off (plus the
         # GIFT epilogue); they need the 8 sequences of ``cu``.
         if n < 34 or (full and case.entropy):

@@ -21,7 +21,7 @@ import torch
 
 from . import functional as Fn
 from .backends import resolve_backend
-from .logprobs import linear_logprobs
+from .logprobs import grad_wanted, linear_logprobs
 from .sequences import check_like, group_index, make_layout
 from .validation import check_linear_inputs, check_logprob_input
 
@@ -82,9 +82,7 @@ def _token_local(hidden, weight, targets, bias, temperature, ignore_index, backe
     and epilogue are composed.
     """
     _check_layout(hidden, targets, cu_seqlens)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if (wants_grad and vocab_parallel_group is None
+    if (grad_wanted(hidden, weight, bias) and vocab_parallel_group is None
             and resolve_backend(backend, hidden.device) == "triton"):
         from .backends.triton_token_local import one_pass_token_local
         h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,

@@ -172,7 +172,6 @@ def test_no_logits_sized_tensor(monkeypatch):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_COMMON, "vocab_size": v}))
     ids = torch.randint(3, v, (4, 40), generator=torch.Generator().manual_seed(12))
     monkeypatch.setattr(tc, "CHUNK_ELEMENTS", 8 * v)
-    monkeypatch.setattr("gift_fast.logprobs.CHUNK_ELEMENTS", 8 * v)
     with LargestAllocation() as spy:
         logp, ent = token_logprobs(model, ids, return_entropy=True, backend="torch")
         (logp.sum() + ent.sum()).backward()

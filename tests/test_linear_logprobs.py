@@ -196,7 +196,6 @@ def test_no_n_by_v_tensor_is_allocated(backend, monkeypatch):
     import gift_fast.backends.triton_op as to
     N, H, V = 48, 16, 96
     monkeypatch.setattr(tc, "CHUNK_ELEMENTS", 16 * V)
-    monkeypatch.setattr("gift_fast.logprobs.CHUNK_ELEMENTS", 16 * V)
     monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 16 * V * 4)
     hidden, weight, _, targets = make_inputs(N, H, V, torch.float32, False, 0.0, seed=6)
     hidden.requires_grad_(); weight.requires_grad_()

@@ -431,7 +431,7 @@ def test_shard_hooks_add_up_to_the_full_op(backend):
     lse / entropy gives that shard's rows of dW and db, and the shards' dX sum to the full dX;
     an active row whose target is in another shard (local target -1) gets no one-hot term."""
     from gift_fast import linear_logprobs
-    from gift_fast.distributed import vocab_parallel as vp
+    from gift_fast.backends.protocol import get_backend
     n = 13
     hidden, weight, b, targets = _inputs(30, n, torch.float32, bias=True)
     h, w, bb = _leaves(hidden, weight, b)
@@ -442,7 +442,7 @@ def test_shard_hooks_add_up_to_the_full_op(backend):
     (logp * up_logp + ent * up_ent).sum().backward()
     active = targets != -100
     lse_parts, stats = [], []
-    local_stats, local_backward = vp._LOCAL[backend]
+    local_stats, local_backward = get_backend(backend).stats, get_backend(backend).grad
     d_hidden = torch.zeros_like(hidden)
     spans = [(0, 10), (10, 25), (25, V)]
     for lo, hi in spans:

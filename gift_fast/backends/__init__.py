@@ -1,4 +1,5 @@
-"""Backends of the fused linear log-prob op.
+"""Backends of the fused linear log-prob op; ``triton`` and ``torch`` implement the backend
+protocol of :mod:`.protocol` (per-row statistics and their gradients over one weight).
 
 - ``triton``: the fast path on CUDA tensors (kernels in ``gift_fast.kernels``).
 - ``torch``: chunked PyTorch, same math, memory bounded by one chunk x V; default on CPU.

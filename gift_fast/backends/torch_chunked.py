@@ -1,9 +1,10 @@
 """Chunked PyTorch backend: the same math as the Triton kernels, one [rows, vocab] tile at a time.
 
-Two plain functions do the work and a thin autograd Function wraps them:
+Two plain functions do the work; :func:`stats` and :func:`grad` are this module's side of the
+backend protocol (:mod:`.protocol`):
 
 - :func:`chunked_forward` streams the vocabulary in tiles with an online log-sum-exp and returns
-  per-row statistics (:class:`RowStats`: log-prob, lse, entropy, argmax, max and target logit);
+  per-row statistics (:class:`ChunkedStats`: log-prob, lse, entropy, argmax, max and target logit);
 - :func:`chunked_backward` recomputes each tile's logits from a given lse (and entropy), turns
   them into dlogits in place and accumulates dX, dW and db; rows whose upstream gradient is zero
   are skipped.
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+
+from .protocol import Grads, RowStats
 
 
 # Rows per block: the GEMMs of a block have M or K up to 2048, where CPU BLAS runs at its peak,
@@ -49,7 +52,7 @@ def _exp_(t: torch.Tensor) -> torch.Tensor:
     return _floor_(t).exp_()
 
 
-class RowStats(NamedTuple):
+class ChunkedStats(NamedTuple):
     """Per-row statistics of :func:`chunked_forward`, in the accumulation dtype unless noted.
 
     ``logp`` and ``target_logit`` are 0 on rows that are ignored or whose target lies outside
@@ -70,8 +73,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tile_shape(n_rows: int, vocab: int, chunk_elements: int = CHUNK_ELEMENTS):
-    """(rows per block, vocabulary columns per tile); rows * columns <= max(chunk_elements, rows)."""
+def tile_shape(n_rows: int, vocab: int, chunk_elements: Optional[int] = None):
+    """(rows per block, vocabulary columns per tile); rows * columns <= max(chunk_elements, rows).
+    ``chunk_elements`` defaults to ``CHUNK_ELEMENTS`` as it is at call time."""
+    chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     rows = max(1, min(n_rows, ROW_BLOCK))
     cols = max(1, min(vocab, chunk_elements // rows))
     return rows, cols
@@ -104,25 +109,28 @@ def _logit_tile(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return out
 
 
-def _local_targets(targets: torch.Tensor, ignore_index: int, vocab: int):
+def _local_targets(targets: torch.Tensor, ignore_index: Optional[int], vocab: int):
     """(rows whose target is a column of this weight, that column or 0)."""
-    in_vocab = (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+    in_vocab = (targets >= 0) & (targets < vocab)
+    if ignore_index is not None:
+        in_vocab &= targets != ignore_index
     return in_vocab, torch.where(in_vocab, targets, torch.zeros_like(targets)).long()
 
 
 @torch.no_grad()
 def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     targets: torch.Tensor, temperature: float, softcap: Optional[float],
-                    ignore_index: int, want_entropy: bool, want_argmax: bool = True,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> RowStats:
+                    ignore_index: Optional[int], want_entropy: bool, want_argmax: bool = True,
+                    chunk_elements: Optional[int] = None) -> ChunkedStats:
     """Per-row statistics of ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
 
     ``hidden`` is [N, H], ``weight`` [V, H], ``targets`` [N]. A target equal to ``ignore_index``
-    marks an ignored row; any other target outside ``[0, V)`` marks an active row whose target is
-    not a column of this weight (e.g. another shard of a vocabulary-parallel lm_head): its
-    ``target_logit`` and ``logp`` are 0 and it is never gathered, while ``lse``, ``max_logit``,
-    ``entropy`` and ``argmax`` still describe this weight's columns. Nothing of size N x V is
-    allocated; the statistics are in float32 (float64 for float64 inputs).
+    marks an ignored row (entropy 0; None: no row is ignored, the protocol's convention); any
+    other target outside ``[0, V)`` marks an active row whose target is not a column of this
+    weight (e.g. another shard of a vocabulary-parallel lm_head): its ``target_logit`` and
+    ``logp`` are 0 and it is never gathered, while ``lse``, ``max_logit``, ``entropy`` and
+    ``argmax`` still describe this weight's columns. Nothing of size N x V is allocated; the
+    statistics are in float32 (float64 for float64 inputs).
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -185,22 +193,21 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
             entropy[r0:r1] = log_s - b / s           # H = lse - E[z] = log s - b / s
         if want_argmax:
             argmax[r0:r1] = best_idx
-    active = targets != ignore_index
     zero = torch.zeros((), dtype=acc, device=dev)
     target_logit = torch.where(in_vocab, target_logit, zero)
     logp = torch.where(in_vocab, target_logit - lse, zero)
-    if want_entropy:
-        entropy = torch.where(active, entropy, zero)
-    return RowStats(logp, lse, entropy, argmax, max_logit, target_logit)
+    if want_entropy and ignore_index is not None:
+        entropy = torch.where(targets != ignore_index, entropy, zero)
+    return ChunkedStats(logp, lse, entropy, argmax, max_logit, target_logit)
 
 
 @torch.no_grad()
 def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      targets: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
                      g: Optional[torch.Tensor], e: Optional[torch.Tensor], temperature: float,
-                     softcap: Optional[float], ignore_index: int = -100, *,
+                     softcap: Optional[float], ignore_index: Optional[int] = None, *,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                     chunk_elements: int = CHUNK_ELEMENTS):
+                     chunk_elements: Optional[int] = None):
     """Gradients of ``sum_n g_n * logp_n + e_n * H_n`` with respect to hidden, weight and bias.
 
     ``lse`` [N] and ``entropy`` [N] define the distribution each row's probabilities are taken
@@ -223,7 +230,9 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     g = torch.zeros(n, dtype=acc, device=dev) if g is None else g.to(acc)
     e = None if e is None else e.to(acc)
     live = g != 0 if e is None else (g != 0) | (e != 0)
-    rows_idx = torch.nonzero(live & (targets != ignore_index)).squeeze(1)
+    if ignore_index is not None:
+        live &= targets != ignore_index
+    rows_idx = torch.nonzero(live).squeeze(1)
     in_vocab, safe_t = _local_targets(targets, ignore_index, vocab)
 
     d_hidden = torch.zeros_like(hidden) if need_hidden else None
@@ -285,29 +294,17 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return d_hidden, d_weight, d_bias
 
 
-class ChunkedLinearLogprobs(torch.autograd.Function):
-    """Autograd wrapper: saves inputs and per-row statistics, recomputes logits in backward."""
+def stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy,
+          want_argmax=True) -> RowStats:
+    """The protocol's statistics (:mod:`.protocol`), in float32 (float64 for float64 inputs)."""
+    st = chunked_forward(hidden, weight, bias, local_targets, temperature, softcap, None,
+                         want_entropy, want_argmax)
+    return RowStats(st.lse, st.target_logit, st.entropy, st.argmax, st.max_logit)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                want_entropy, chunk_elements, want_argmax=True):
-        st = chunked_forward(hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                             want_entropy, want_argmax, chunk_elements)
-        ctx.save_for_backward(hidden, weight, bias, targets, st.lse, st.entropy)
-        ctx.cfg = (temperature, softcap, ignore_index, chunk_elements)
-        entropy = st.entropy if want_entropy else torch.zeros_like(st.logp)
-        argmax = st.argmax if want_argmax else torch.zeros_like(targets, dtype=torch.int64)
-        ctx.mark_non_differentiable(argmax)
-        return st.logp, entropy, argmax
 
-    @staticmethod
-    def backward(ctx, d_logp, d_entropy, _d_argmax):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        temperature, softcap, ignore_index, chunk_elements = ctx.cfg
-        e = d_entropy if entropy is not None else None
-        d_hidden, d_weight, d_bias = chunked_backward(
-            hidden, weight, bias, targets, lse, entropy, d_logp, e, temperature, softcap,
-            ignore_index, need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
-            chunk_elements=chunk_elements)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
+         need_dx, need_dw, need_db) -> Grads:
+    """The protocol's gradients (:mod:`.protocol`)."""
+    return Grads(*chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
+                                   temperature, softcap, need_hidden=need_dx,
+                                   need_weight=need_dw, need_bias=need_db))

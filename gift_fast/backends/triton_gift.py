@@ -2,8 +2,9 @@
 
 The forward kernel gives per-row log-probs (and the lse saved for backward); the epilogue kernel
 (``gift_fast.kernels.gift_epilogue``) turns them into the loss and dL/dlogp per row in one launch;
-the backward multiplies by grad_output and runs the shared Triton backward, which skips every
-row with zero gradient (prompt tokens, padding, dropped groups).
+the backward multiplies by grad_output and runs the Triton backend's ``grad``, which skips every
+row with zero gradient (prompt tokens, padding, dropped groups). Both ends are the backend
+protocol (:mod:`.protocol`) with the single-device combiner.
 
 Handles consecutive groups, detached statistics and "mean"/"sum" reductions; ``gift_loss``
 falls back to the composed path (linear_logprobs + functional epilogue) otherwise.
@@ -14,7 +15,8 @@ import torch
 
 from ..kernels import gift_epilogue
 from ..sequences import nonfinite_rows
-from .triton_op import triton_backward, triton_forward
+from . import triton_op
+from .protocol import local_targets, single_device
 
 
 class FusedGIFT(torch.autograd.Function):
@@ -22,8 +24,11 @@ class FusedGIFT(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, anchor, rewards, cu_seqlens, group_ptr,
                 temperature, softcap, ignore_index, beta, eps, length_norm, unbiased,
                 drop_uniform, max_group, mean_reduction):
-        logp, _, _, lse, y = triton_forward(hidden, weight, bias, targets, temperature, softcap,
-                                            ignore_index, want_entropy=False)
+        active = targets != ignore_index
+        y = local_targets(targets, active)
+        logp, _, _, lse = single_device(triton_op.stats(
+            hidden, weight, bias, y, temperature, softcap, want_entropy=False,
+            want_argmax=False), active)
         out = gift_epilogue(logp, anchor.detach().float().contiguous(), y, cu_seqlens, group_ptr,
                             rewards.detach().float().contiguous(), beta=beta, eps=eps,
                             length_norm=length_norm, unbiased=unbiased,
@@ -43,9 +48,9 @@ class FusedGIFT(torch.autograd.Function):
     def backward(ctx, d_loss, *_unused):
         hidden, weight, bias, y, lse, grad_rows, denom = ctx.saved_tensors
         g = grad_rows * (d_loss.float() / denom)
-        grads = triton_backward(hidden, weight, bias, y, lse, None, g, None, *ctx.cfg,
-                                need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
-                                need_db=bias is not None and ctx.needs_input_grad[2])
+        grads = triton_op.grad(hidden, weight, bias, y, lse, None, g, None, *ctx.cfg,
+                               need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+                               need_db=bias is not None and ctx.needs_input_grad[2])
         return (*grads,) + (None,) * 15
 
 

@@ -1,6 +1,7 @@
-"""Triton backend: autograd wiring around the kernels in ``gift_fast.kernels``.
+"""Triton backend: the protocol's :func:`stats` and :func:`grad` (:mod:`.protocol`) on the
+kernels in ``gift_fast.kernels``.
 
-Forward: one streaming kernel saves per-row lse (and entropy); no logits are kept.
+Forward: one streaming kernel gives per-row lse (and entropy); no logits are kept.
 
 Backward: rows whose upstream gradient is zero are dropped first (one host sync). The rest go
 through one of two loop orders, chosen per call by :func:`plan_backward` as the one that needs
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import dlogits, dot_precision, logprob_forward_stats, matmul
+from .protocol import Grads, RowStats
 
 # Budget of the one dlogits buffer of the backward, whatever N and V are.
 # 32 MiB keeps the whole backward scratch within 2*N*H bytes + 64 MiB at N=8192, H=4096 (bf16)
@@ -125,19 +127,16 @@ def _check_dtype(hidden: torch.Tensor) -> None:
                         "use backend='torch' or 'reference' for float64")
 
 
-def triton_forward(hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                   want_entropy):
-    """Returns (logp, entropy or None, argmax, lse, kernel targets) for flattened inputs."""
+def stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy,
+          want_argmax=True) -> RowStats:
+    """The protocol's statistics (:mod:`.protocol`), float32; a target of -1 matches no column,
+    so the kernel never indexes with it."""
     _check_dtype(hidden)
-    active = targets != ignore_index
-    # Ignored rows get target -1, which matches no column: the kernel never indexes with it.
-    y = torch.where(active, targets.long(), -1).contiguous()
+    max_logit = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     lse, target_logit, entropy, argmax = logprob_forward_stats(
-        hidden, weight, bias, y, temperature, softcap, want_entropy)
-    logp = torch.where(active, target_logit - lse, 0.0)
-    if want_entropy:
-        entropy = torch.where(active, entropy, 0.0)
-    return logp, entropy, argmax, lse, y
+        hidden, weight, bias, local_targets, temperature, softcap, want_entropy,
+        row_max=max_logit)
+    return RowStats(lse, target_logit, entropy, argmax if want_argmax else None, max_logit)
 
 
 def dlogits_vocab_slice(x, weight, bias, y, g, e, lse, ent, v0: int, v1: int, temperature,
@@ -204,14 +203,16 @@ def _vocab_outer(x, weight, bias, y, g, e, lse, ent, temperature, softcap, preci
             db_out[v0:v1] = d.sum(0, dtype=torch.float32)
 
 
-def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, softcap,
-                    need_dx: bool, need_dw: bool, need_db: bool, order: str | None = None):
-    """Gradients of sum_n g_n logp_n + e_n H_n w.r.t. hidden, weight, bias (None where not needed).
+def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
+         need_dx: bool, need_dw: bool, need_db: bool, order: str | None = None) -> Grads:
+    """The protocol's gradients (:mod:`.protocol`): of sum_n g_n logp_n + e_n H_n w.r.t. hidden,
+    weight, bias (None where not needed).
 
-    ``g``/``e`` are float32 per-row upstream gradients, already 0 at ignored rows; ``e`` may be
+    ``g``/``e`` are float32 per-row upstream gradients, already 0 at inactive rows; ``e`` may be
     None. Rows with g = e = 0 cost nothing: they are dropped before any GEMM (one host sync).
     ``order`` overrides ``BACKWARD_ORDER`` ("auto", "rows" or "vocab").
     """
+    y = local_targets
     live = g != 0 if e is None else (g != 0) | (e != 0)
     rows = torch.nonzero(live).squeeze(1)
     N, H = hidden.shape
@@ -219,9 +220,9 @@ def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, so
     n_live = rows.numel()
     dtype, dev = hidden.dtype, hidden.device
     if n_live == 0 or not (need_dx or need_dw or need_db):
-        return (torch.zeros_like(hidden) if need_dx else None,
-                torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None,
-                torch.zeros_like(bias) if need_db else None)
+        return Grads(torch.zeros_like(hidden) if need_dx else None,
+                     torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None,
+                     torch.zeros_like(bias) if need_db else None)
     plan = plan_backward(N, n_live, V, H, hidden.element_size(), need_dx, need_dw, need_db,
                          order=order)
     precision = dot_precision(dtype)
@@ -262,29 +263,4 @@ def triton_backward(hidden, weight, bias, y, lse, entropy, g, e, temperature, so
         _rows_outer(hidden, rows if partial else None, *args, d_hidden, dw32, db32)
         d_weight = dw32.to(weight.dtype) if need_dw else None
         d_bias = db32.to(bias.dtype) if need_db else None
-    return d_hidden, d_weight, d_bias
-
-
-class TritonLinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index,
-                want_entropy):
-        logp, entropy, argmax, lse, y = triton_forward(hidden, weight, bias, targets, temperature,
-                                                       softcap, ignore_index, want_entropy)
-        ctx.save_for_backward(hidden, weight, bias, y, lse, entropy)
-        ctx.cfg = (temperature, softcap)
-        ctx.mark_non_differentiable(argmax)
-        return logp, entropy if entropy is not None else torch.zeros_like(logp), argmax
-
-    @staticmethod
-    def backward(ctx, d_logp, d_entropy, _d_argmax):
-        hidden, weight, bias, y, lse, entropy = ctx.saved_tensors
-        active = y >= 0
-        g = torch.where(active, d_logp.float(), 0.0) if d_logp is not None else torch.zeros_like(lse)
-        e = None
-        if entropy is not None and d_entropy is not None:
-            e = torch.where(active, d_entropy.float(), 0.0)
-        grads = triton_backward(hidden, weight, bias, y, lse, entropy, g, e, *ctx.cfg,
-                                need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
-                                need_db=bias is not None and ctx.needs_input_grad[2])
-        return (*grads, None, None, None, None, None)
+    return Grads(d_hidden, d_weight, d_bias)

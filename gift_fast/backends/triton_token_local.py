@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import torch
 
-from .triton_op import triton_backward, triton_forward
+from . import triton_op
+from .protocol import local_targets, single_device
 
 
 class OnePassTokenLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index, epilogue,
                 box):
-        logp, _, _, lse, y = triton_forward(hidden, weight, bias, targets, temperature, softcap,
-                                            ignore_index, want_entropy=False)
+        active = targets != ignore_index
+        y = local_targets(targets, active)
+        logp, _, _, lse = single_device(triton_op.stats(
+            hidden, weight, bias, y, temperature, softcap, want_entropy=False,
+            want_argmax=False), active)
         with torch.enable_grad():
             leaf = logp.detach().requires_grad_()
             loss, metrics = epilogue(leaf)
@@ -29,10 +33,10 @@ class OnePassTokenLocal(torch.autograd.Function):
         box["metrics"] = metrics
         need = ctx.needs_input_grad
         if any(need[:3]) and g is not None:
-            g = torch.where(y >= 0, g.float(), 0.0)
-            grads = triton_backward(hidden, weight, bias, y, lse, None, g, None, temperature,
-                                    softcap, need_dx=need[0], need_dw=need[1],
-                                    need_db=bias is not None and need[2])
+            g = torch.where(active, g.float(), 0.0)
+            grads = triton_op.grad(hidden, weight, bias, y, lse, None, g, None, temperature,
+                                   softcap, need_dx=need[0], need_dw=need[1],
+                                   need_db=bias is not None and need[2])
         else:
             grads = (None, None, None)
         ctx.grads = grads

@@ -2,12 +2,13 @@
 
 Rank r of the group holds the contiguous rows [start_r, end_r) of the [V, H] lm_head (and of its
 bias); shard sizes may differ. ``hidden`` and ``targets`` (global token ids) are the same on every
-rank. Each rank streams its own shard through a backend's *local statistics* (per-row lse, target
-logit, entropy, max and argmax), then a few [N] vectors are all-reduced over the group:
+rank. Each rank streams its own shard through its backend's ``stats``
+(:mod:`gift_fast.backends.protocol`: per-row lse, target logit, entropy, max and argmax), then a
+few [N] vectors are all-reduced over the group (:func:`combine`):
 
     all_reduce MAX  [lse_r, max_r]                                  -> M, global max logit
     all_reduce SUM  [exp(lse_r - M), z_y on its owner, entropy term] -> lse, z_y, entropy
-    all_reduce MIN  global index of the local argmax where max_r is the global max
+    all_reduce MIN  (argmax asked) global index of the local argmax where max_r is the global max
                     (the lowest global index wins ties, as torch.argmax on the full logits)
 
 Entropy: with a_r = lse_r - M and w_r = exp(a_r), S = sum_r w_r, the global
@@ -15,7 +16,9 @@ H = log S + sum_r w_r (H_r - a_r) / S (the local means E_r[z] = lse_r - H_r weig
 masses, written relative to M so that nothing large cancels).
 
 Backward: each rank computes dlogits of its own columns from the GLOBAL lse and entropy (the
-backend's *local backward*), gives dW (and db) of its shard only, and dX is all-reduced (sum).
+backend's ``grad``), gives dW (and db) of its shard only, and dX is all-reduced (sum,
+:func:`sum_over_group`). The autograd Function is the single-device one
+(:class:`gift_fast.logprobs.LinearLogprobs`) with these two functions as its combiner.
 No [N, V] tensor exists anywhere; communication is O(N) in the forward and O(N H) in the backward.
 
 Only ``torch.distributed`` collectives on the given group are used: gloo on CPU (tested), NCCL on
@@ -29,12 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..backends import torch_chunked
-
-# Local target of a row whose target lives in another shard (matches no local column); the local
-# backends then ignore nothing: ignored rows are masked here, with the global mask.
-_NOT_HERE = -1
-_NOTHING_IGNORED = -2
+from ..backends.protocol import RowStats
 
 
 @dataclass(frozen=True)
@@ -125,53 +123,19 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
                       world_size=world)
 
 
-# ----------------------------------------------------------------------------------------------
-# Backend hooks: per-shard statistics, and the shard's backward from given global statistics
-# ----------------------------------------------------------------------------------------------
-
-def _torch_local_stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy):
-    st = torch_chunked.chunked_forward(hidden, weight, bias, local_targets, temperature, softcap,
-                                       _NOTHING_IGNORED, want_entropy,
-                                       chunk_elements=torch_chunked.CHUNK_ELEMENTS)
-    return st.lse, st.target_logit, st.entropy, st.argmax, st.max_logit
+def group_of(name: str):
+    """The process group named ``name`` (``group.group_name``): the op's arguments carry the
+    name, not the group object, as torch's functional collectives do, so that the op's inputs
+    stay plain values."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
 
 
-def _triton_local_stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy):
-    from ..backends.triton_op import _check_dtype
-    from ..kernels import logprob_forward_stats
-    _check_dtype(hidden)
-    row_max = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    lse, target_logit, entropy, argmax = logprob_forward_stats(
-        hidden, weight, bias, local_targets, temperature, softcap, want_entropy, row_max=row_max)
-    return lse, target_logit, entropy, argmax, row_max
-
-
-def _torch_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
-                          softcap, need_dx, need_dw, need_db):
-    return torch_chunked.chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
-                                          temperature, softcap, _NOTHING_IGNORED,
-                                          need_hidden=need_dx, need_weight=need_dw,
-                                          need_bias=need_db,
-                                          chunk_elements=torch_chunked.CHUNK_ELEMENTS)
-
-
-def _triton_local_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
-                           softcap, need_dx, need_dw, need_db):
-    from ..backends.triton_op import triton_backward
-    return triton_backward(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature,
-                           softcap, need_dx, need_dw, need_db)
-
-
-_LOCAL = {"torch": (_torch_local_stats, _torch_local_backward),
-          "triton": (_triton_local_stats, _triton_local_backward)}
-
-
-# ----------------------------------------------------------------------------------------------
-# The collective part, shared by both backends
-# ----------------------------------------------------------------------------------------------
-
-def _combine(stats, shard: VocabShard, active, group, want_entropy: bool):
-    """Global (logp, entropy or None, argmax, lse) from each rank's local statistics."""
+def combine(stats: RowStats, active: torch.Tensor, group_name: str, vocab_start: int,
+            vocab_size: int):
+    """Global (logp, entropy or None, argmax or None, lse) from each rank's statistics of its
+    shard (entropy and argmax when the shard's stats have them)."""
+    group = group_of(group_name)
     lse_r, target_logit_r, entropy_r, argmax_r, max_r = stats
     maxes = torch.stack([lse_r, max_r.to(lse_r.dtype)])
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
@@ -180,7 +144,7 @@ def _combine(stats, shard: VocabShard, active, group, want_entropy: bool):
     a = lse_r - m                                   # <= 0 on the shard holding the max
     w = torch.exp(a)
     terms = [w, target_logit_r]                     # z_y is non-zero only on its owner
-    if want_entropy:
+    if entropy_r is not None:
         terms.append(w * (entropy_r - a))
     sums = torch.stack(terms)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
@@ -188,88 +152,19 @@ def _combine(stats, shard: VocabShard, active, group, want_entropy: bool):
     lse = m + log_s
     logp = torch.where(active, sums[1] - lse, 0.0)
     entropy = None
-    if want_entropy:
+    if entropy_r is not None:
         entropy = torch.where(active, log_s + sums[2] / sums[0], 0.0)
-
+    if argmax_r is None:
+        return logp, entropy, None, lse
     # Lowest global index among the shards that reach the global max.
-    candidate = torch.where(max_r.to(best.dtype) == best, argmax_r + shard.start,
-                            torch.full_like(argmax_r, shard.vocab_size))
+    candidate = torch.where(max_r.to(best.dtype) == best, argmax_r + vocab_start,
+                            torch.full_like(argmax_r, vocab_size))
     dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
     return logp, entropy, candidate, lse
 
 
-def _forward(hidden, weight, bias, local_targets, active, shard, group, backend, temperature,
-             softcap, want_entropy):
-    local_stats, _ = _LOCAL[backend]
-    stats = local_stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy)
-    return _combine(stats, shard, active, group, want_entropy)
-
-
-class VocabParallelLinearLogprobs(torch.autograd.Function):
-    """Saves the inputs and the GLOBAL per-row lse / entropy; backward recomputes the shard's
-    logits, gives dW / db of the shard and the all-reduced dX."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, local_targets, active, shard, group, backend,
-                temperature, softcap, want_entropy):
-        logp, entropy, argmax, lse = _forward(hidden, weight, bias, local_targets, active, shard,
-                                              group, backend, temperature, softcap, want_entropy)
-        ctx.save_for_backward(hidden, weight, bias, local_targets, active, lse, entropy)
-        ctx.cfg = (group, backend, temperature, softcap)
-        ctx.mark_non_differentiable(argmax)
-        return logp, entropy if entropy is not None else torch.zeros_like(logp), argmax
-
-    @staticmethod
-    def backward(ctx, d_logp, d_entropy, _d_argmax):
-        hidden, weight, bias, local_targets, active, lse, entropy = ctx.saved_tensors
-        group, backend, temperature, softcap = ctx.cfg
-        acc = lse.dtype
-        g = torch.where(active, d_logp.to(acc), 0.0) if d_logp is not None else torch.zeros_like(lse)
-        e = None
-        if entropy is not None and d_entropy is not None:
-            e = torch.where(active, d_entropy.to(acc), 0.0)
-        need_dx = ctx.needs_input_grad[0]
-        _, local_backward = _LOCAL[backend]
-        d_hidden, d_weight, d_bias = local_backward(
-            hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
-            need_dx=need_dx, need_dw=ctx.needs_input_grad[1],
-            need_db=bias is not None and ctx.needs_input_grad[2])
-        if need_dx:
-            # Each shard's dX is a partial sum over its columns; sum them in float32 at least.
-            total = d_hidden.to(torch.promote_types(d_hidden.dtype, torch.float32))
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-            d_hidden = total.to(hidden.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
-
-
-def vocab_parallel_logprobs(hidden, weight, targets, bias, *, group, backend: str,
-                            temperature: float, softcap: Optional[float], ignore_index: int,
-                            want_entropy: bool, vocab_start_index: Optional[int] = None):
-    """Flattened, validated inputs (``hidden [N, H]``, ``targets [N]`` global ids, ``weight`` /
-    ``bias`` this rank's shard); ``backend`` in {"torch", "triton"}. Returns (logp, entropy or
-    zeros, argmax) like the single-device op. Called by :func:`gift_fast.linear_logprobs`."""
-    shard = vocab_shard(group, weight.shape[0], hidden.shape[0], hidden.device, vocab_start_index)
-    return shard_logprobs(hidden, weight, targets, bias, shard, group=group, backend=backend,
-                          temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                          want_entropy=want_entropy)
-
-
-def shard_logprobs(hidden, weight, targets, bias, shard: VocabShard, *, group, backend,
-                   temperature, softcap, ignore_index, want_entropy):
-    """As :func:`vocab_parallel_logprobs` with the shard already known (targets validated)."""
-    if backend not in _LOCAL:
-        raise ValueError(f"backend: vocab_parallel_group works with 'torch' or 'triton' (or "
-                         f"'auto'), got {backend!r}; for an oracle, gather the full weight and call "
-                         f"linear_logprobs without the group")
-    active = targets != ignore_index
-    in_shard = active & (targets >= shard.start) & (targets < shard.start + shard.size)
-    local_targets = torch.where(in_shard, targets.long() - shard.start, _NOT_HERE).contiguous()
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad:
-        return VocabParallelLinearLogprobs.apply(hidden, weight, bias, local_targets, active,
-                                                 shard, group, backend, float(temperature),
-                                                 softcap, want_entropy)
-    logp, entropy, argmax, _ = _forward(hidden, weight, bias, local_targets, active, shard, group,
-                                        backend, float(temperature), softcap, want_entropy)
-    return logp, entropy if entropy is not None else torch.zeros_like(logp), argmax
+def sum_over_group(d_hidden: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Each shard's dX is a partial sum over its columns; sum them in float32 at least."""
+    total = d_hidden.to(torch.promote_types(d_hidden.dtype, torch.float32))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group_of(group_name))
+    return total.to(d_hidden.dtype)
