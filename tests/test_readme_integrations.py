@@ -1,22 +1,30 @@
-"""The python blocks of the README's "Use it with your trainer" section run as written."""
+"""The integration snippets run as written, each on its own: the python blocks of the README's
+"Use it with your trainer" section and of docs/integrations.md."""
 import math
 import os
 import re
 
 import pytest
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+README = os.path.join(ROOT, "README.md")
+INTEGRATIONS = os.path.join(ROOT, "docs", "integrations.md")
 
 
-def _section_blocks(title="## Use it with your trainer"):
-    text = open(README, encoding="utf-8").read()
-    start = text.index(title)
-    end = text.find("\n## ", start + len(title))
-    section = text[start:end if end != -1 else len(text)]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def _python_blocks(path, title=None):
+    text = open(path, encoding="utf-8").read()
+    if title is not None:
+        start = text.index(title)
+        end = text.find("\n## ", start + len(title))
+        text = text[start:end if end != -1 else len(text)]
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-BLOCKS = _section_blocks()
+README_BLOCKS = _python_blocks(README, "## Use it with your trainer")
+BLOCKS = README_BLOCKS + _python_blocks(INTEGRATIONS)
+LABELS = ([f"README.md[python block {i}]" for i in range(len(README_BLOCKS))]
+          + [f"docs/integrations.md[python block {i}]"
+             for i in range(len(BLOCKS) - len(README_BLOCKS))])
 _NAMESPACES = {}      # block index -> globals after it ran (each block runs once per session)
 
 
@@ -25,18 +33,19 @@ def _run(index):
         if "trl" in BLOCKS[index]:
             pytest.importorskip("trl")
         namespace = {"__name__": "readme"}
-        exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
+        exec(compile(BLOCKS[index], LABELS[index], "exec"), namespace)
         _NAMESPACES[index] = namespace
     return _NAMESPACES[index]
 
 
 def test_section_has_hf_and_trl_snippets():
-    assert len(BLOCKS) >= 3
-    assert any("token_logprobs" in b for b in BLOCKS)
-    assert any("GIFTTrainer" in b for b in BLOCKS) and any("use_gift_fast" in b for b in BLOCKS)
+    assert any("token_logprobs" in b for b in README_BLOCKS)
+    assert any("GIFTTrainer(" in b for b in README_BLOCKS)
+    assert any("use_gift_fast" in b for b in BLOCKS)
+    assert any("compute_policy_loss_gift" in b for b in BLOCKS)
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=LABELS)
 def test_snippet_runs(index):
     _run(index)
 
@@ -48,7 +57,7 @@ GIFT_METRICS = ("gift/adv_mean", "gift/z_mean", "gift/z_abs_mean", "gift/implici
 def test_trl_snippet_logs_gift_metrics():
     """The GIFTTrainer snippet logs every step, and what it prints is GIFT's metrics: zero on the
     first update after each rollout, where the policy is the anchor, non-zero on the second."""
-    index = next(i for i, b in enumerate(BLOCKS) if "GIFTTrainer(" in b)
+    index = next(i for i, b in enumerate(README_BLOCKS) if "GIFTTrainer(" in b)
     ns = _run(index)
     args = ns["args"]
     steps = [log for log in ns["trainer"].state.log_history if "loss" in log]
