@@ -5,7 +5,7 @@ A method computes one *objective* on a case's shared :class:`~bench.inputs.Input
 - ``logp``: per-token log-probs with an arbitrary upstream gradient, ``sum(grad_tok * logp)``
   (what any user loss on top of ``linear_logprobs`` needs);
 - ``sft``: token-mean NLL (f-divergence SFT with ``tv`` equals it);
-- ``gift``, ``grpo``, ``dpo``: the losses of docs/loss-spec (GIFT: anchor = old log-probs,
+- ``gift``, ``grpo``, ``dpo``: the losses of docs/losses.md (GIFT: anchor = old log-probs,
   beta 1, detached group statistics; GRPO: DAPO aggregation, clip 0.2, no KL; DPO: beta 0.1,
   chosen first half, rejected second half, mean over pairs).
 
@@ -69,7 +69,7 @@ def epilogue_sft(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
 
 
 def epilogue_gift(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
-    """loss-spec section 1, authors' defaults: anchor = old log-probs, beta 1, eps 1e-6, unbiased
+    """docs/losses.md, GIFT, authors' defaults: anchor = old log-probs, beta 1, eps 1e-6, unbiased
     std, sum over tokens (p = 0), detached group statistics, mean over sequences."""
     m = inp.mask.to(lp.dtype)
     g = inp.layout.group_size
@@ -87,7 +87,7 @@ def epilogue_gift(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
 
 
 def epilogue_grpo(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
-    """loss-spec section 4: clipped ratio, DAPO aggregation (sum / active tokens), beta = 0."""
+    """docs/losses.md, GRPO: clipped ratio, DAPO aggregation (sum / active tokens), beta = 0."""
     m = inp.mask.to(lp.dtype)
     ratio = torch.exp(lp - inp.anchor_logps.to(lp.dtype))
     adv = inp.advantages.to(lp.dtype)[:, None]
@@ -96,7 +96,7 @@ def epilogue_grpo(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
 
 
 def epilogue_dpo(lp: torch.Tensor, inp: Inputs, ref: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """loss-spec section 3: -log sigmoid(beta (d_chosen - d_rejected)), mean over pairs."""
+    """docs/losses.md, DPO: -log sigmoid(beta (d_chosen - d_rejected)), mean over pairs."""
     m = inp.mask.to(lp.dtype)
     ref = inp.ref_logps if ref is None else ref
     s = _seq_sum(lp - ref.to(lp.dtype), m)

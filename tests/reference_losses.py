@@ -1,4 +1,4 @@
-"""Float64 reference implementations written straight from docs/loss-spec.md.
+"""Float64 reference implementations written straight from the math in docs/losses.md.
 
 Deliberately independent of gift_fast.functional / gift_fast.sequences: plain Python loops over
 sequences and groups, textbook formulas, autograd for gradients. Inputs are per-sequence lists
@@ -74,7 +74,7 @@ def seq_logratio(lp, an, p=0.0):
     return s
 
 
-# ------------------------------------------------------------------ GIFT (spec section 1)
+# ------------------------------------------------------------ GIFT (docs/losses.md, "GIFT")
 
 def gift(seqs, anchors, rewards, groups, beta=1.0, eps=1e-6, unbiased=True, detach_stats=True,
          p=0.0, drop_uniform=False, reduction="mean"):
@@ -86,7 +86,8 @@ def gift(seqs, anchors, rewards, groups, beta=1.0, eps=1e-6, unbiased=True, deta
         if drop_uniform and max(R) == min(R):
             continue
         if len(g) == 1:
-            # spec 1.1-1.2 (authors' code): reward mean 0 / std 1; implicit mean stopgrad(s), std 1
+            # a group of one (docs/losses.md, authors' code): rewards mean 0 / std 1, implicit
+            # mean stopgrad(s) / std 1
             x = s[g[0]]
             A = [R[0] / (1 + eps)]
             z = [(x - x.detach()) / (1 + eps)]
@@ -105,7 +106,7 @@ def gift(seqs, anchors, rewards, groups, beta=1.0, eps=1e-6, unbiased=True, deta
     return total / max(n_terms, 1)
 
 
-# ------------------------------------------------------------------ GRPO (spec section 4)
+# ---------------------------------------------- GRPO (docs/losses.md, "GRPO family")
 
 def grpo(seqs, olds, advs, refs=None, beta=0.0, el=0.2, eh=0.2, loss_type="dapo",
          max_len=None, num_items=None):
@@ -153,7 +154,7 @@ def group_adv(rewards, G, scale="group", eps=1e-4):
     return torch.tensor(out, dtype=F64)
 
 
-# ------------------------------------------------------------------ pairwise (spec section 3)
+# ------------------------------------ pairwise (docs/losses.md, DPO / IPO / SimPO / RPO)
 
 def _logsig(x):
     return -torch.log1p(torch.exp(-x)) if float(x.detach()) > 0 else x - torch.log1p(torch.exp(x))
@@ -230,7 +231,7 @@ def rpo_multi(seqs, refs, rewards, groups, kind="sq", beta=0.2, eta=1.0):
     return sum(terms) / len(terms)
 
 
-# ------------------------------------------------------------------ UNA (spec section 2)
+# -------------------------------------------------------------- UNA (docs/losses.md, "UNA")
 
 def una(seqs, anchors, kind="pairwise", labels=None, scores=None, beta=None):
     if beta is None:

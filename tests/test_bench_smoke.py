@@ -63,7 +63,7 @@ def test_smoke_schema(smoke):
     naive = audit[("naive+logp", "dense")]
     assert naive["status"] == "ok" and naive["rel_err_loss"] < 2e-2 and naive["rel_err_dw"] < 2e-2
     assert len(doc["goals"]) == 3 and all(g["met"] is None for g in doc["goals"])
-    # A goal without a verdict says what was not measured and why (issue 9).
+    # A goal without a verdict says what was not measured and why.
     assert all(g["reason"].startswith("not measured: ") for g in doc["goals"])
 
 

@@ -107,7 +107,7 @@ def test_gift_uniform_rewards_implicit_pull():
 
 
 def test_gift_zero_implicit_spread_first_step():
-    """pi_theta == pi_old: s = 0 exactly, z = 0, gradient carries 1/eps (spec section 1)."""
+    """pi_theta == pi_old: s = 0 exactly, z = 0, gradient carries 1/eps (docs/losses.md, GIFT)."""
     B, T, G, beta, eps = 8, 5, 4, 1.0, 1e-6
     logps, _, mask, rewards = make_batch(B, T, seed=4, empty=(2,))
     anchor = logps.detach().clone()
@@ -346,7 +346,7 @@ def test_gradcheck_every_epilogue():
     lp = lp.detach().requires_grad_(True)
     # epilogues with deliberately detached terms (GIFT's default detached statistics, DFT's
     # sg(p)) are not the derivative of their own value: their gradients are checked against the
-    # spec's closed forms in test_detached_gradients_closed_form instead.
+    # closed forms of docs/losses.md in test_detached_gradients_closed_form instead.
     _gc(lambda x: Fn.gift_loss(x, an, rw, mask=mask, group_size=3, detach_stats=False)[0], lp)
     _gc(lambda x: Fn.gift_loss(x, an, rw, mask=mask, group_size=3, detach_stats=False, std="biased",
                                length_norm=1.0, eps=1e-3)[0], lp)
@@ -374,7 +374,7 @@ def test_detached_gradients_closed_form():
     A = R.group_adv(rw, G, eps=eps)
     sig = s.view(-1, G).std(1).repeat_interleave(G)
     z = (s - s.view(-1, G).mean(1).repeat_interleave(G)) / (sig + eps)
-    ds = -2 * beta * (A - beta * z) / (B * (sig + eps))          # spec section 1
+    ds = -2 * beta * (A - beta * z) / (B * (sig + eps))          # docs/losses.md, GIFT
     torch.testing.assert_close(grads(loss, lp), ds[:, None] * mask, **TOL64)
     dft, _ = Fn.dft_loss(lp, mask=mask)
     torch.testing.assert_close(grads(dft, lp), -torch.exp(lp.detach()) * mask / mask.sum(), **TOL64)

@@ -1,8 +1,8 @@
 """gift_fast.integrations.hf against each model's own logits -> log_softmax -> gather, in float64.
 
 Tiny random-config models built from transformers configs (no downloads). Every architecture in
-the README's table is tested here: values and gradients, left/right padding, temperature,
-logits_to_keep, entropy, the patched forward, and the error for an unknown head.
+the table of docs/integrations.md is tested here: values and gradients, left/right padding,
+temperature, logits_to_keep, entropy, the patched forward, and the error for an unknown head.
 """
 import copy
 import warnings

@@ -2,7 +2,7 @@
 
 - GIFTTrainer trains end to end (generation, rule-based reward, several steps, two iterations per
   rollout so the implicit term is non-zero);
-- its loss and gradient equal a float64 GIFT written from the spec on top of TRL's own
+- its loss and gradient equal a float64 GIFT written from docs/losses.md on top of TRL's own
   log-prob path (TRL's ChunkedLogProbFunction) on the same batch;
 - use_gift_fast leaves TRL's GRPO and DPO losses and gradients unchanged within float32
   tolerance, and patch_trl reaches trainers built afterwards.

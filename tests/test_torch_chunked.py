@@ -1,8 +1,9 @@
-"""The torch backend's two functions, ``chunked_forward`` and ``chunked_backward``, against a float64
-oracle written from the spec, with tiles much smaller than the shapes (several row blocks,
-several vocabulary tiles, a partial last tile), and their contract for vocabulary shards: a target
-outside [0, V) on an active row has no one-hot term, and statistics from outside (global lse and
-entropy over shards) give this shard's part of the gradients.
+"""The torch backend's two functions, ``chunked_forward`` and ``chunked_backward``, against a
+float64 oracle written from docs/losses.md ("The shared core"), with tiles much smaller than the
+shapes (several row blocks, several vocabulary tiles, a partial last tile), and their contract
+for vocabulary shards: a target outside [0, V) on an active row has no one-hot term, and
+statistics from outside (global lse and entropy over shards) give this shard's part of the
+gradients.
 """
 import pytest
 import torch
@@ -28,7 +29,8 @@ def _inputs(N, H, V, dtype, seed, bias=True):
 
 
 def _oracle(hidden, weight, bias, targets, g, e, temperature, softcap):
-    """float64, materialised: statistics and the gradients of sum g*logp + e*H (spec section 0).
+    """float64, materialised: statistics and the gradients of sum g*logp + e*H (docs/losses.md,
+    "The shared core").
 
     logp of a row whose target is outside [0, V) is -lse (no target term), so its gradient is
     -g * p, as chunked_backward documents."""

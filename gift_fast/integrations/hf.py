@@ -72,7 +72,8 @@ def _granite(model, cfg) -> dict:
 
 
 # model_type (of the text config) -> extra head parameters, each checked against the model's
-# forward in transformers 5.23 and tested (tests/test_integration_hf.py; table in the README).
+# forward in transformers 5.23 and tested (tests/test_integration_hf.py; the table in
+# docs/integrations.md).
 _HEADS: dict[str, Callable[[Any, Any], dict]] = {
     "llama": _plain, "mistral": _plain, "qwen2": _plain, "qwen3": _plain, "phi3": _plain,
     "phi": _plain, "gemma": _plain, "gemma2": _softcapped, "gemma3_text": _softcapped,
