@@ -1,5 +1,7 @@
-"""Helpers shared by several test modules: an allocation spy and a bounded multi-process spawn."""
+"""Helpers shared by several test modules: an allocation spy, a bounded multi-process spawn, and
+rounding-error bounds from which the float32 tolerances are derived."""
 import socket
+from typing import NamedTuple, Optional
 import time
 
 import pytest
@@ -44,3 +46,168 @@ def spawn_and_wait(fn, args, nprocs: int, timeout_s: float, what: str) -> None:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding-error bounds for z = softcap(x @ W.T + b) / T and the statistics and gradients made of
+# it. A float32 tolerance comes from these (the magnitudes |x|, |W|, |b|, 1/T, H, V and the unit
+# roundoff), never from a number tuned on one CPU: a different BLAS kernel, thread split or
+# vector width (Xeon vs EPYC) changes the summation order, and the bounds hold for every order.
+#
+# Notation: u = unit roundoff of the accumulation dtype (float32: 2^-24 = eps32 / 2),
+# gamma(n) = n u / (1 - n u). A dot product of n terms (+ a bias) computed in any order, with or
+# without FMA, is within gamma(n + 1) * sum |terms| of the exact value (Higham, Accuracy and
+# Stability of Numerical Algorithms, 2nd ed., sec. 3.1); a sum of n terms likewise within
+# gamma(n - 1) * sum |terms|. Exact quantities (z, p, lse, mu = E_p[z]) come from float64 on the
+# same, already rounded, inputs; the bounds are first order in u, which at u = 2^-24 and the
+# sizes used in the tests (n u < 1e-4) leaves a margin far larger than the dropped terms.
+# ---------------------------------------------------------------------------------------------
+
+U32 = torch.finfo(torch.float32).eps / 2
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u of ``dtype``: half the distance from 1 to the next representable number."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, u: float = U32) -> float:
+    return n * u / (1 - n * u)
+
+
+class RoundingBounds(NamedTuple):
+    """Elementwise bounds on |computed - exact| (float64): per row [N] for the statistics,
+    shaped like the gradient for the gradients (None where no bias)."""
+    max_logit: torch.Tensor
+    target_logit: torch.Tensor
+    lse: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    d_hidden: Optional[torch.Tensor]
+    d_weight: Optional[torch.Tensor]
+    d_bias: Optional[torch.Tensor]
+
+
+def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=None, e=None,
+                                   temperature=1.0, softcap=None, ignore_index=-100,
+                                   u=U32, dlogits_u=None, out_u=None,
+                                   p_floor=0.0) -> RoundingBounds:
+    """Bounds on the rounding error of log-probs, entropy and the gradients of
+    ``sum g * logp + e * entropy`` computed with unit roundoff ``u`` (accumulation dtype) from
+    ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V], ``targets`` [N] (``g`` / ``e`` [N]: the
+    upstream gradients, None = 0). ``dlogits_u``: rounding of the logit gradient before the dX /
+    dW GEMMs (a half-precision dlogits buffer; default none beyond ``u``); ``out_u``: rounding of
+    the returned gradients to their dtype (default none); ``p_floor``: an absolute error allowed
+    in every probability (a backend that clamps exp's argument at a floor F passes e^F).
+
+    Derivation (per row n, column v; first order in u):
+
+    1. Logits. raw = x.W_v + b_v is a length-(H+1) dot product: |d raw| <= gamma(H+1) a_v with
+       a_v = |x|.|W_v| + |b_v|. softcap has slope <= 1; its three ops (tanh within 1 ulp) and
+       the division by T round relative to their result:
+       dz_v <= gamma(H+1) a_v / T + 4u |z_v|, which bounds the target logit's error and, the max
+       of perturbed values moving by at most the largest perturbation, the max logit's. The
+       later subtraction of lse / max / mu rounds once more, relative to its result: the shifted
+       logits are within dz'_v = dz_v + u (|z_v - lse| + |z_v - mu|).
+    2. lse = m + log sum_v exp(z_v - m), streamed: exp within 1 ulp (2u), at most one rescale
+       per term (exp and a product, 3u) and V - 1 additions: s is within gamma(4V + 4)
+       relative, so dlse <= sum_v p_v dz_v + gamma(4V + 4) + 2u |lse|; logp = z_t - lse adds
+       dz_t and u |logp|. (A probability p_floor at most, per column, moves lse and mu by
+       less than V p_floor (1 + |z - max z|): negligible next to these terms at e^-80.)
+    3. mu = E_p[z] = sum_v p_v z_v; with dp_v = p_v (dz_v - dlse) and sum_v p_v dz_v = dlse,
+       dmu <= sum_v p_v dz_v (1 + |z_v - mu|) + gamma(4V + 4) sum_v p_v |z_v - max z|
+       + 2u (|lse| + |H|) (the sum b = sum e^(z-m) (z-m), H = log s - b/s, mu = lse - H);
+       entropy H = lse - mu: dH <= dlse + dmu.
+    4. Logit gradient G_v = (p_v (-g - e (z_v - mu)) + g [v = t]) / T, times the softcap slope
+       f_v = 1 - tanh^2 (|d f_v| <= 2 |tanh| T dz_v / c + 3u): with exp's 2u and the four
+       products / differences of the epilogue (4u),
+       dG_v <= (p_v (dz_v + dlse + 6u) (|g| + |e| |z_v - mu|) + p_v |e| (dz_v + dmu)) f_v / T
+               + |G_v / f_v| |d f_v| + (u + dlogits_u) |G_v|.
+    5. dX = G @ W, dW = G.T @ x, db = sum_n G: the propagated part plus the GEMM's own rounding,
+       |d dX| <= |dG| @ |W| + gamma(V) |G| @ |W| (likewise gamma(N) for dW and db), plus
+       out_u (|exact| + that) when the result is rounded to a narrower dtype at the end.
+    """
+    dlogits_u = 0.0 if dlogits_u is None else dlogits_u
+    out_u = 0.0 if out_u is None else out_u
+    x = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    w = weight.detach().double()
+    b = bias.detach().double() if bias is not None else None
+    N, H = x.shape
+    V = w.shape[0]
+    T = float(temperature)
+    raw = x @ w.T + (b if b is not None else 0.0)
+    a = x.abs() @ w.abs().T + (b.abs() if b is not None else 0.0)
+    if softcap is not None:
+        tanh = torch.tanh(raw / softcap)
+        z = softcap * tanh / T
+        slope = 1 - tanh ** 2
+    else:
+        z = raw / T
+    lse = torch.logsumexp(z, 1)
+    p = torch.exp(z - lse[:, None])
+    mu = (p * z).sum(1)
+    ent = lse - mu
+    dz_logit = gamma(H + 1, u) * a / T + 4 * u * z.abs()
+    dz = dz_logit + u * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
+    g_red = gamma(4 * V + 4, u)
+    p_dz = (p * dz).sum(1)
+    d_lse = p_dz + g_red + 2 * u * lse.abs()
+    d_mu = ((p * dz * (1 + (z - mu[:, None]).abs())).sum(1)
+            + g_red * (p * (z - z.max(1, keepdim=True).values).abs()).sum(1)
+            + 2 * u * (lse.abs() + ent.abs()))
+    d_ent = d_lse + d_mu
+    if targets is None:
+        targets = torch.full((N,), ignore_index, dtype=torch.long)
+    t = targets.reshape(-1).cpu()
+    active = t != ignore_index
+    in_vocab = active & (t >= 0) & (t < V)
+    t_safe = torch.where(in_vocab, t, torch.zeros_like(t))
+    zero = torch.zeros(N, dtype=torch.float64)
+    dz_t = dz.gather(1, t_safe[:, None]).squeeze(1)
+    d_target = torch.where(in_vocab, dz_logit.gather(1, t_safe[:, None]).squeeze(1), zero)
+    d_max = dz_logit.max(1).values
+    logp = z.gather(1, t_safe[:, None]).squeeze(1) - lse
+    d_logp = torch.where(in_vocab, dz_t + d_lse + u * logp.abs(), zero)
+    d_ent = torch.where(active, d_ent, zero)
+
+    gg = zero.clone() if g is None else g.detach().double().reshape(-1).cpu()
+    ee = zero.clone() if e is None else e.detach().double().reshape(-1).cpu()
+    gg = torch.where(active, gg, zero)
+    ee = torch.where(active, ee, zero)
+    onehot = torch.zeros(N, V, dtype=torch.float64)
+    onehot[in_vocab, t_safe[in_vocab]] = 1.0
+    zc = z - mu[:, None]
+    G0 = (p * (-gg[:, None] - ee[:, None] * zc) + gg[:, None] * onehot) / T   # before softcap
+    dG = (p * (dz + d_lse[:, None] + 6 * u) * (gg.abs()[:, None] + ee.abs()[:, None] * zc.abs())
+          + p * ee.abs()[:, None] * (dz + d_mu[:, None])) / T
+    if softcap is not None:
+        d_slope = 2 * tanh.abs() * T * dz / softcap + 3 * u
+        dG = dG * slope + G0.abs() * d_slope
+        G = G0 * slope
+    else:
+        G = G0
+    # A clamped exp gives a probability of up to p_floor where the exact one is smaller.
+    dG = dG + p_floor * (1 + 8 * u) * (gg.abs()[:, None] + ee.abs()[:, None] * (zc.abs() + 1)) / T
+    dG = dG + (u + dlogits_u) * G.abs()
+    Ga = G.abs()
+    d_hidden = dG @ w.abs() + gamma(V, u) * Ga @ w.abs()
+    # Rounding the float32 result r to the output dtype moves it by out_u |r| at most, and
+    # |r| <= |exact| + the bound so far.
+    d_hidden = d_hidden + out_u * ((G @ w).abs() + d_hidden)
+    d_weight = dG.T @ x.abs() + gamma(N, u) * Ga.T @ x.abs()
+    d_weight = d_weight + out_u * ((G.T @ x).abs() + d_weight)
+    d_bias = None
+    if b is not None:
+        d_bias = dG.sum(0) + gamma(N, u) * Ga.sum(0)
+        d_bias = d_bias + out_u * (G.sum(0).abs() + d_bias)
+    return RoundingBounds(d_max, d_target, d_lse, d_logp, d_ent, d_hidden.reshape(hidden.shape), d_weight, d_bias)
+
+
+def assert_within(name: str, got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> float:
+    """Elementwise |got - want| <= bound (float64); returns the largest error / bound ratio."""
+    err = (got.detach().double().cpu() - want.detach().double().cpu()).abs()
+    bound = bound.double().cpu().expand_as(err)
+    ratio = torch.where(err > 0, err / bound, 0.0).max().item() if err.numel() else 0.0
+    assert torch.all(err <= bound), (
+        f"{name}: max error / rounding bound {ratio:.3g} (max error {err.max().item():.3g})")
+    return ratio
