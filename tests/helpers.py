@@ -90,45 +90,52 @@ class RoundingBounds(NamedTuple):
 
 def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=None, e=None,
                                    temperature=1.0, softcap=None, ignore_index=-100,
-                                   u=U32, dlogits_u=None, out_u=None,
+                                   u=U32, dlogits_u=None, out_dtype=None, out_roundings=1,
                                    p_floor=0.0) -> RoundingBounds:
     """Bounds on the rounding error of log-probs, entropy and the gradients of
     ``sum g * logp + e * entropy`` computed with unit roundoff ``u`` (accumulation dtype) from
     ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V], ``targets`` [N] (``g`` / ``e`` [N]: the
     upstream gradients, None = 0). ``dlogits_u``: rounding of the logit gradient before the dX /
-    dW GEMMs (a half-precision dlogits buffer; default none beyond ``u``); ``out_u``: rounding of
-    the returned gradients to their dtype (default none); ``p_floor``: an absolute error allowed
+    dW GEMMs (a half-precision dlogits buffer; default none beyond ``u``); ``out_dtype``: the
+    gradients are rounded to it at the end (default: not), ``out_roundings`` times (2 when the
+    oracle's gradients are rounded to it too); ``p_floor``: an absolute error allowed
     in every probability (a backend that clamps exp's argument at a floor F passes e^F).
 
     Derivation (per row n, column v; first order in u):
 
     1. Logits. raw = x.W_v + b_v is a length-(H+1) dot product: |d raw| <= gamma(H+1) a_v with
-       a_v = |x|.|W_v| + |b_v|. softcap has slope <= 1; its three ops (tanh within 1 ulp) and
-       the division by T round relative to their result:
-       dz_v <= gamma(H+1) a_v / T + 4u |z_v|, which bounds the target logit's error and, the max
+       a_v = |x|.|W_v| + |b_v|. softcap has slope <= 1; its ops and the division by T round
+       relative to their result (4u |z_v|), and tanh itself is within 4u absolute (a kernel
+       may form it as 1 - 2 / (e^2y + 1), which cancels near 0), c 4u / T after scaling:
+       dz_v <= gamma(H+1) a_v / T + 4u |z_v| (+ 4u c / T with softcap c), which bounds the target logit's error and, the max
        of perturbed values moving by at most the largest perturbation, the max logit's. The
-       later subtraction of lse / max / mu rounds once more, relative to its result: the shifted
-       logits are within dz'_v = dz_v + u (|z_v - lse| + |z_v - mu|).
-    2. lse = m + log sum_v exp(z_v - m), streamed: exp within 1 ulp (2u), at most one rescale
-       per term (exp and a product, 3u) and V - 1 additions: s is within gamma(4V + 4)
-       relative, so dlse <= sum_v p_v dz_v + gamma(4V + 4) + 2u |lse|; logp = z_t - lse adds
+       later subtraction of lse / max / mu rounds once more relative to its result, and so may
+       exp's own argument scaling (exp2 of y log2 e): the shifted logits are within
+       dz'_v = dz_v + 2u (|z_v - lse| + |z_v - mu|).
+    2. lse = m + log sum_v exp(z_v - m), streamed: exp within 2 ulp (4u), V - 1 additions and at
+       most V rescales of the running sum (exp and a product, 5u each): s is within
+       gamma(6V + 4) relative, so dlse <= sum_v p_v dz'_v + gamma(6V + 4) + 2u |lse|; logp = z_t - lse adds
        dz_t and u |logp|. (A probability p_floor at most, per column, moves lse and mu by
        less than V p_floor (1 + |z - max z|): negligible next to these terms at e^-80.)
     3. mu = E_p[z] = sum_v p_v z_v; with dp_v = p_v (dz_v - dlse) and sum_v p_v dz_v = dlse,
-       dmu <= sum_v p_v dz_v (1 + |z_v - mu|) + gamma(4V + 4) sum_v p_v |z_v - max z|
+       dmu <= sum_v p_v dz'_v (1 + |z_v - mu|) + gamma(6V + 4) sum_v p_v |z_v - max z|
        + 2u (|lse| + |H|) (the sum b = sum e^(z-m) (z-m), H = log s - b/s, mu = lse - H);
        entropy H = lse - mu: dH <= dlse + dmu.
     4. Logit gradient G_v = (p_v (-g - e (z_v - mu)) + g [v = t]) / T, times the softcap slope
-       f_v = 1 - tanh^2 (|d f_v| <= 2 |tanh| T dz_v / c + 3u): with exp's 2u and the four
+       f_v = 1 - tanh^2 (|d f_v| <= 2 |tanh| T dz_v / c + 3u): with exp's 4u and the four
        products / differences of the epilogue (4u),
-       dG_v <= (p_v (dz_v + dlse + 6u) (|g| + |e| |z_v - mu|) + p_v |e| (dz_v + dmu)) f_v / T
+       dG_v <= (p_v (dz'_v + dlse + 8u) (|g| + |e| |z_v - mu|) + p_v |e| (dz'_v + dmu)) f_v / T
                + |G_v / f_v| |d f_v| + (u + dlogits_u) |G_v|.
     5. dX = G @ W, dW = G.T @ x, db = sum_n G: the propagated part plus the GEMM's own rounding,
        |d dX| <= |dG| @ |W| + gamma(V) |G| @ |W| (likewise gamma(N) for dW and db), plus
-       out_u (|exact| + that) when the result is rounded to a narrower dtype at the end.
+       out_u (|exact| + that) + half the subnormal spacing per rounding to a narrower dtype.
     """
     dlogits_u = 0.0 if dlogits_u is None else dlogits_u
-    out_u = 0.0 if out_u is None else out_u
+    out_u = out_abs = 0.0
+    if out_dtype is not None:
+        fi = torch.finfo(out_dtype)
+        out_u = out_roundings * fi.eps / 2
+        out_abs = out_roundings * fi.smallest_normal * fi.eps / 2
     x = hidden.detach().double().reshape(-1, hidden.shape[-1])
     w = weight.detach().double()
     b = bias.detach().double() if bias is not None else None
@@ -148,8 +155,10 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     mu = (p * z).sum(1)
     ent = lse - mu
     dz_logit = gamma(H + 1, u) * a / T + 4 * u * z.abs()
-    dz = dz_logit + u * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
-    g_red = gamma(4 * V + 4, u)
+    if softcap is not None:
+        dz_logit = dz_logit + 4 * u * softcap / T
+    dz = dz_logit + 2 * u * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
+    g_red = gamma(6 * V + 4, u)
     p_dz = (p * dz).sum(1)
     d_lse = p_dz + g_red + 2 * u * lse.abs()
     d_mu = ((p * dz * (1 + (z - mu[:, None]).abs())).sum(1)
@@ -178,7 +187,7 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     onehot[in_vocab, t_safe[in_vocab]] = 1.0
     zc = z - mu[:, None]
     G0 = (p * (-gg[:, None] - ee[:, None] * zc) + gg[:, None] * onehot) / T   # before softcap
-    dG = (p * (dz + d_lse[:, None] + 6 * u) * (gg.abs()[:, None] + ee.abs()[:, None] * zc.abs())
+    dG = (p * (dz + d_lse[:, None] + 8 * u) * (gg.abs()[:, None] + ee.abs()[:, None] * zc.abs())
           + p * ee.abs()[:, None] * (dz + d_mu[:, None])) / T
     if softcap is not None:
         d_slope = 2 * tanh.abs() * T * dz / softcap + 3 * u
@@ -188,18 +197,18 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         G = G0
     # A clamped exp gives a probability of up to p_floor where the exact one is smaller.
     dG = dG + p_floor * (1 + 8 * u) * (gg.abs()[:, None] + ee.abs()[:, None] * (zc.abs() + 1)) / T
-    dG = dG + (u + dlogits_u) * G.abs()
+    dG = dG * (1 + dlogits_u) + (u + dlogits_u) * G.abs()
     Ga = G.abs()
     d_hidden = dG @ w.abs() + gamma(V, u) * Ga @ w.abs()
     # Rounding the float32 result r to the output dtype moves it by out_u |r| at most, and
     # |r| <= |exact| + the bound so far.
-    d_hidden = d_hidden + out_u * ((G @ w).abs() + d_hidden)
+    d_hidden = d_hidden + out_u * ((G @ w).abs() + d_hidden) + out_abs
     d_weight = dG.T @ x.abs() + gamma(N, u) * Ga.T @ x.abs()
-    d_weight = d_weight + out_u * ((G.T @ x).abs() + d_weight)
+    d_weight = d_weight + out_u * ((G.T @ x).abs() + d_weight) + out_abs
     d_bias = None
     if b is not None:
         d_bias = dG.sum(0) + gamma(N, u) * Ga.sum(0)
-        d_bias = d_bias + out_u * (G.sum(0).abs() + d_bias)
+        d_bias = d_bias + out_u * (G.sum(0).abs() + d_bias) + out_abs
     return RoundingBounds(d_max, d_target, d_lse, d_logp, d_ent, d_hidden.reshape(hidden.shape), d_weight, d_bias)
 
 

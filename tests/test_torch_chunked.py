@@ -66,9 +66,9 @@ def _bounds(hidden, weight, b, targets, g, e, temperature, softcap):
     (the oracle rounds too). The exp argument floor makes every probability at least e^floor."""
     acc = tc.accumulation_dtype(hidden.dtype)
     sides = 2 if acc == torch.float64 else 1
-    out_u = unit_roundoff(hidden.dtype) if hidden.dtype != acc else 0.0
     bd = linear_softmax_rounding_bounds(hidden, weight, b, targets, g, e, temperature, softcap,
-                                        IGNORE, u=unit_roundoff(acc), out_u=out_u,
+                                        IGNORE, u=unit_roundoff(acc),
+                                        out_dtype=hidden.dtype if hidden.dtype != acc else None,
                                         p_floor=math.exp(tc.EXP_FLOOR[acc]))
     return type(bd)(*(None if t is None else sides * t for t in bd))
 
