@@ -1,5 +1,6 @@
 """Helpers shared by several test modules: an allocation spy, a bounded multi-process spawn, and
 rounding-error bounds from which the float32 tolerances are derived."""
+import math
 import socket
 from typing import NamedTuple, Optional
 import time
@@ -83,6 +84,7 @@ class RoundingBounds(NamedTuple):
     lse: torch.Tensor
     logp: torch.Tensor
     entropy: torch.Tensor
+    dlogits: torch.Tensor
     d_hidden: Optional[torch.Tensor]
     d_weight: Optional[torch.Tensor]
     d_bias: Optional[torch.Tensor]
@@ -91,7 +93,8 @@ class RoundingBounds(NamedTuple):
 def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=None, e=None,
                                    temperature=1.0, softcap=None, ignore_index=-100,
                                    u=U32, dlogits_u=None, out_dtype=None, out_roundings=1,
-                                   p_floor=0.0) -> RoundingBounds:
+                                   p_floor=0.0, given_lse=None, given_entropy=None,
+                                   dg=None) -> RoundingBounds:
     """Bounds on the rounding error of log-probs, entropy and the gradients of
     ``sum g * logp + e * entropy`` computed with unit roundoff ``u`` (accumulation dtype) from
     ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V], ``targets`` [N] (``g`` / ``e`` [N]: the
@@ -99,7 +102,11 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     dW GEMMs (a half-precision dlogits buffer; default none beyond ``u``); ``out_dtype``: the
     gradients are rounded to it at the end (default: not), ``out_roundings`` times (2 when the
     oracle's gradients are rounded to it too); ``p_floor``: an absolute error allowed
-    in every probability (a backend that clamps exp's argument at a floor F passes e^F).
+    in every probability (a backend that clamps exp's argument at a floor F passes e^F);
+    ``given_lse`` / ``given_entropy`` [N]: statistics handed to the backward from outside, exact inputs there
+    (default: the backward uses the forward's, with their rounding); ``dg`` [N]: a bound on the
+    error of the upstream gradient ``g`` itself (it moves the logit gradient by
+    dg |[v = t] - p_v| / T).
 
     Derivation (per row n, column v; first order in u):
 
@@ -136,9 +143,9 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         fi = torch.finfo(out_dtype)
         out_u = out_roundings * fi.eps / 2
         out_abs = out_roundings * fi.smallest_normal * fi.eps / 2
-    x = hidden.detach().double().reshape(-1, hidden.shape[-1])
-    w = weight.detach().double()
-    b = bias.detach().double() if bias is not None else None
+    x = hidden.detach().cpu().double().reshape(-1, hidden.shape[-1])
+    w = weight.detach().cpu().double()
+    b = bias.detach().cpu().double() if bias is not None else None
     N, H = x.shape
     V = w.shape[0]
     T = float(temperature)
@@ -181,6 +188,13 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
 
     gg = zero.clone() if g is None else g.detach().double().reshape(-1).cpu()
     ee = zero.clone() if e is None else e.detach().double().reshape(-1).cpu()
+    if given_lse is not None:      # the backward's statistics, given: exact inputs there
+        lse = given_lse.detach().double().reshape(-1).cpu()
+        mu = lse - (zero if given_entropy is None
+                    else given_entropy.detach().double().reshape(-1).cpu())
+        p = torch.exp(z - lse[:, None])
+        dz = dz_logit + 2 * u * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
+        d_lse = d_mu = zero
     gg = torch.where(active, gg, zero)
     ee = torch.where(active, ee, zero)
     onehot = torch.zeros(N, V, dtype=torch.float64)
@@ -197,6 +211,9 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         G = G0
     # A clamped exp gives a probability of up to p_floor where the exact one is smaller.
     dG = dG + p_floor * (1 + 8 * u) * (gg.abs()[:, None] + ee.abs()[:, None] * (zc.abs() + 1)) / T
+    if dg is not None:
+        dG = dG + (dg.detach().double().reshape(-1).cpu()[:, None]
+                   * (onehot - p).abs() * (slope if softcap is not None else 1.0) / T)
     dG = dG * (1 + dlogits_u) + (u + dlogits_u) * G.abs()
     Ga = G.abs()
     d_hidden = dG @ w.abs() + gamma(V, u) * Ga @ w.abs()
@@ -209,7 +226,7 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     if b is not None:
         d_bias = dG.sum(0) + gamma(N, u) * Ga.sum(0)
         d_bias = d_bias + out_u * (G.sum(0).abs() + d_bias) + out_abs
-    return RoundingBounds(d_max, d_target, d_lse, d_logp, d_ent, d_hidden.reshape(hidden.shape), d_weight, d_bias)
+    return RoundingBounds(d_max, d_target, d_lse, d_logp, d_ent, dG, d_hidden.reshape(hidden.shape), d_weight, d_bias)
 
 
 def assert_within(name: str, got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> float:
@@ -220,3 +237,23 @@ def assert_within(name: str, got: torch.Tensor, want: torch.Tensor, bound: torch
     assert torch.all(err <= bound), (
         f"{name}: max error / rounding bound {ratio:.3g} (max error {err.max().item():.3g})")
     return ratio
+
+
+def backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets, g=None, e=None,
+                            temperature=1.0, softcap=None, oracle_rounds_outputs=True,
+                            **kw) -> RoundingBounds:
+    """:func:`linear_softmax_rounding_bounds` for ``linear_logprobs`` on ``backend`` ("torch" or
+    "triton") with inputs of ``dtype``, against a float64 oracle on the same inputs. Both backends
+    accumulate in float32 (half inputs are exact in float32; tensor cores may truncate instead of
+    rounding: 2u per addition on CUDA). The triton backend stores the logit gradient in the input
+    dtype before its GEMMs; gradients are rounded to the leaves' dtype at the end, and with
+    ``oracle_rounds_outputs`` so are the oracle's (two roundings). The torch backend clamps exp's
+    argument at -80 and the kernels' exp underflows below e^-87: a probability may be off by
+    e^-80. The float64 oracle's own rounding is 2^-29 of these bounds (first-order slack)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    u = U32 * (2 if half and hidden.is_cuda else 1)
+    return linear_softmax_rounding_bounds(
+        hidden, weight, bias, targets, g, e, temperature, softcap, u=u,
+        dlogits_u=unit_roundoff(dtype) if half and backend == "triton" else 0.0,
+        out_dtype=dtype if half else None, out_roundings=2 if oracle_rounds_outputs else 1,
+        p_floor=math.exp(-80.0), **kw)
