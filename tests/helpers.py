@@ -94,7 +94,7 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
                                    temperature=1.0, softcap=None, ignore_index=-100,
                                    u=U32, dlogits_u=None, out_dtype=None, out_roundings=1,
                                    p_floor=0.0, given_lse=None, given_entropy=None,
-                                   dg=None) -> RoundingBounds:
+                                   dg=None, shard_sizes=None) -> RoundingBounds:
     """Bounds on the rounding error of log-probs, entropy and the gradients of
     ``sum g * logp + e * entropy`` computed with unit roundoff ``u`` (accumulation dtype) from
     ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V], ``targets`` [N] (``g`` / ``e`` [N]: the
@@ -106,7 +106,10 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     ``given_lse`` / ``given_entropy`` [N]: statistics handed to the backward from outside, exact inputs there
     (default: the backward uses the forward's, with their rounding); ``dg`` [N]: a bound on the
     error of the upstream gradient ``g`` itself (it moves the logit gradient by
-    dg |[v = t] - p_v| / T).
+    dg |[v = t] - p_v| / T); ``shard_sizes``: the vocabulary is split into contiguous shards
+    of these sizes whose statistics are combined (vocabulary parallelism: per shard lse_r and
+    H_r, then lse = log sum_r e^lse_r and H from sum_r P_r (H_r - a_r), a_r = lse_r - max lse_r)
+    and whose dX partials are rounded to ``out_dtype`` before being summed.
 
     Derivation (per row n, column v; first order in u):
 
@@ -157,20 +160,42 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         slope = 1 - tanh ** 2
     else:
         z = raw / T
-    lse = torch.logsumexp(z, 1)
-    p = torch.exp(z - lse[:, None])
-    mu = (p * z).sum(1)
-    ent = lse - mu
     dz_logit = gamma(H + 1, u) * a / T + 4 * u * z.abs()
     if softcap is not None:
         dz_logit = dz_logit + 4 * u * softcap / T
+
+    def stats(cols):
+        """lse, p, mu and the bounds of lse and mu for the columns ``cols`` streamed together."""
+        zs = z[:, cols]
+        lse_s = torch.logsumexp(zs, 1)
+        p_s = torch.exp(zs - lse_s[:, None])
+        mu_s = (p_s * zs).sum(1)
+        dz_s = dz_logit[:, cols] + 2 * u * ((zs - lse_s[:, None]).abs() + (zs - mu_s[:, None]).abs())
+        g_s = gamma(6 * zs.shape[1] + 4, u)
+        d_lse_s = (p_s * dz_s).sum(1) + g_s + 2 * u * lse_s.abs()
+        d_mu_s = ((p_s * dz_s * (1 + (zs - mu_s[:, None]).abs())).sum(1)
+                  + g_s * (p_s * (zs - zs.max(1, keepdim=True).values).abs()).sum(1)
+                  + 2 * u * (lse_s.abs() + (lse_s - mu_s).abs()))
+        return lse_s, p_s, mu_s, d_lse_s, d_mu_s
+
+    lse, p, mu, d_lse, d_mu = stats(slice(None))
+    ent = lse - mu
+    if shard_sizes is not None and len([n for n in shard_sizes if n]) > 1:
+        assert sum(shard_sizes) == V, "shard_sizes must add up to V"
+        starts = [sum(shard_sizes[:r]) for r in range(len(shard_sizes))]
+        parts = [stats(slice(s0, s0 + n)) for s0, n in zip(starts, shard_sizes) if n]
+        lse_r, mu_r, dl_r, dm_r = (torch.stack([q[i] for q in parts]) for i in (0, 2, 3, 4))
+        big_p = torch.exp(lse_r - lse)                       # shard masses P_r
+        a_r = lse_r - lse_r.max(0).values                    # the combine's exp arguments
+        # the combine: a_r and exp (u |a_r| + 4u), lse_r's own rounding, R-term sums, log
+        dl_r = dl_r + u * (a_r.abs() + 2 * lse_r.abs()) + 4 * u
+        g_c = gamma(len(parts) + 6, u)
+        d_lse = (big_p * dl_r).sum(0) + g_c + u * lse.abs()
+        # mu = sum_r P_r mu_r with dP_r = P_r (dlse_r - dlse); H = log S + sum_r P_r (H_r - a_r)
+        d_mu = ((big_p * (dm_r + (dl_r + d_lse) * (mu_r - mu).abs())).sum(0)
+                + g_c * (big_p * (lse_r - mu_r - a_r).abs()).sum(0)
+                + 2 * u * (lse.abs() + ent.abs()))
     dz = dz_logit + 2 * u * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
-    g_red = gamma(6 * V + 4, u)
-    p_dz = (p * dz).sum(1)
-    d_lse = p_dz + g_red + 2 * u * lse.abs()
-    d_mu = ((p * dz * (1 + (z - mu[:, None]).abs())).sum(1)
-            + g_red * (p * (z - z.max(1, keepdim=True).values).abs()).sum(1)
-            + 2 * u * (lse.abs() + ent.abs()))
     d_ent = d_lse + d_mu
     if targets is None:
         targets = torch.full((N,), ignore_index, dtype=torch.long)
@@ -220,6 +245,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     # Rounding the float32 result r to the output dtype moves it by out_u |r| at most, and
     # |r| <= |exact| + the bound so far.
     d_hidden = d_hidden + out_u * ((G @ w).abs() + d_hidden) + out_abs
+    if shard_sizes is not None and len(shard_sizes) > 1:     # partials rounded, |partial| summed
+        d_hidden = d_hidden + out_u / out_roundings * (Ga @ w.abs()) + len(shard_sizes) * out_abs
     d_weight = dG.T @ x.abs() + gamma(N, u) * Ga.T @ x.abs()
     d_weight = d_weight + out_u * ((G.T @ x).abs() + d_weight) + out_abs
     d_bias = None
@@ -252,8 +279,11 @@ def backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets, g=Non
     e^-80. The float64 oracle's own rounding is 2^-29 of these bounds (first-order slack)."""
     half = dtype in (torch.float16, torch.bfloat16)
     u = U32 * (2 if half and hidden.is_cuda else 1)
+    p_floor = math.exp(-80.0)
+    if dtype == torch.float64:         # the torch backend in float64 (floor e^-700)
+        u, p_floor = unit_roundoff(torch.float64), math.exp(-700.0)
     return linear_softmax_rounding_bounds(
         hidden, weight, bias, targets, g, e, temperature, softcap, u=u,
         dlogits_u=unit_roundoff(dtype) if half and backend == "triton" else 0.0,
         out_dtype=dtype if half else None, out_roundings=2 if oracle_rounds_outputs else 1,
-        p_floor=math.exp(-80.0), **kw)
+        p_floor=p_floor, **kw)
