@@ -287,3 +287,254 @@ def backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets, g=Non
         dlogits_u=unit_roundoff(dtype) if half and backend == "triton" else 0.0,
         out_dtype=dtype if half else None, out_roundings=2 if oracle_rounds_outputs else 1,
         p_floor=p_floor, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward error propagation through any torch computation (a loss epilogue and its backward):
+# run it in float64 under ErrorBounds, with bounds on the errors of some inputs (the log-probs'
+# rounding bounds above); every op's output gets a bound on the error that the same op sequence
+# would carry when run with unit roundoff u: the inputs' errors through the op's local |Jacobian|
+# plus the op's own rounding (elementwise arithmetic u |y|; exp, log, sqrt, sigmoid, tanh ...
+# within 2 ulp: 4u |y|; a sum of n terms gamma(n - 1) sum |terms| in any order; matmul likewise
+# over its inner dimension). First order in u. Comparisons and branches are taken as in float64
+# (no input sits on a tie). An op without a rule raises, so nothing is silently left out.
+# ---------------------------------------------------------------------------------------------
+
+def _key(t):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+_aten = torch.ops.aten
+# Ops that move, select or rearrange values: the output's error is the same op on the errors.
+_STRUCTURAL = {
+    "view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "select", "slice", "index_select", "gather", "index", "cat", "stack", "clone",
+    "_to_copy", "detach", "alias", "lift_fresh", "lift_fresh_copy", "contiguous", "split",
+    "split_with_sizes", "narrow", "repeat", "flip", "copy", "unbind", "as_strided", "roll",
+    "diagonal", "masked_select", "take_along_dim", "unfold", "chunk", "_reshape_alias",
+    "squeeze_copy", "view_copy", "expand_copy", "slice_backward", "select_backward",
+    "index_select_backward", "unsqueeze_copy", "index_put",
+}
+# Ops that create values (constants, fills, signs of values not on a tie): exact.
+_CREATION = {
+    "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full",
+    "new_empty", "new_empty_strided", "scalar_tensor", "zeros", "ones", "full", "empty",
+    "empty_strided", "arange", "fill", "sign", "floor", "ceil", "round", "trunc", "zero",
+}
+_TRANSCENDENTAL = {"exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus",
+                   "log_sigmoid_forward", "pow", "log2", "exp2", "reciprocal", "erf", "atan"}
+
+
+class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records a first-order error bound for every floating-point tensor produced while active
+    (see the comment above). ``set(t, err)`` gives an input its error bound (default 0: exact);
+    ``get(t)`` returns the bound of any tensor computed under the mode."""
+
+    def __init__(self, u: float = U32):
+        super().__init__()
+        self.u = u
+        self.err = {}
+
+    def set(self, t, err):
+        self.err[_key(t)] = (t, torch.as_tensor(err, dtype=torch.float64).expand(t.shape).clone())
+
+    def get(self, t):
+        hit = self.err.get(_key(t))
+        return hit[1] if hit is not None else torch.zeros(t.shape, dtype=torch.float64)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        with torch.utils._python_dispatch._disable_current_modes():
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            floats = [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+            if floats:
+                errs = self._rule(func, args, kwargs, out)
+                errs = errs if isinstance(errs, (tuple, list)) else (errs,)
+                for o, e in zip(outs, errs):
+                    if isinstance(o, torch.Tensor) and o.is_floating_point() and e is not None:
+                        self.err[_key(o)] = (o, e.double().expand(o.shape).clone())
+        return out
+
+    def _e(self, x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return self.get(x)
+        return torch.zeros((), dtype=torch.float64)
+
+    def _rule(self, func, args, kwargs, out):
+        name = func.overloadpacket.__name__.rstrip("_")      # in-place variants alike
+        u, e = self.u, self._e
+        y = out if isinstance(out, torch.Tensor) else out[0]
+        ay = y.detach().abs().double() if isinstance(y, torch.Tensor) else None
+        a = args[0] if args else None
+        b = args[1] if len(args) > 1 else None
+        if name in ("add", "sub", "rsub"):
+            alpha = abs(kwargs.get("alpha", args[2] if len(args) > 2 else 1))
+            return e(a) + alpha * e(b) + u * ay
+        if name == "mul":
+            return (e(a) * (b.abs() if isinstance(b, torch.Tensor) else abs(b))
+                    + (a.abs() if isinstance(a, torch.Tensor) else abs(a)) * e(b) + u * ay)
+        if name == "div":
+            bb = b.abs() if isinstance(b, torch.Tensor) else abs(b)
+            return e(a) / bb + ay / bb * e(b) + u * ay
+        if name in ("sum", "mean", "nansum"):
+            dims = args[1] if len(args) > 1 and args[1] is not None else list(range(a.dim()))
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            n = 1
+            for d in dims:
+                n *= a.shape[d]
+            keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            red = (lambda t: t.sum(dims, keepdim=keep)) if name != "mean" else \
+                (lambda t: t.mean(dims, keepdim=keep))
+            return red(e(a).expand(a.shape)) + gamma(max(n - 1, 0) + (name == "mean"), u) * \
+                red(a.detach().abs().double())
+        if name in ("index_add", "scatter_add"):
+            if name == "index_add":
+                dim, index, src = args[1], args[2], args[3]
+                alpha = abs(kwargs.get("alpha", args[4] if len(args) > 4 else 1))
+                f = lambda s, t: s.index_add(dim, index, t, alpha=alpha)
+            else:
+                dim, index, src = args[1], args[2], args[3]
+                alpha = 1
+                f = lambda s, t: s.scatter_add(dim, index, t)
+            n = src.numel()
+            prop = f(e(a).expand(a.shape).clone(), e(src).expand(src.shape))
+            return prop + gamma(n, u) * f(a.detach().abs().double(), src.detach().abs().double())
+        if name == "scatter_reduce":
+            dim, index, src, reduce = args[1], args[2], args[3], args[4]
+            if reduce not in ("amax", "amin"):
+                raise NotImplementedError(f"ErrorBounds: scatter_reduce {reduce}")
+            return func(e(a).expand(a.shape).clone(), dim, index, e(src).expand(src.shape),
+                        "amax", **{k: v for k, v in kwargs.items() if k == "include_self"})
+        if name in ("mm", "matmul", "bmm", "mv", "dot"):
+            k = a.shape[-1]
+            aa, ab = a.detach().abs().double(), b.detach().abs().double()
+            return (func(e(a).expand(a.shape), ab) + func(aa, e(b).expand(b.shape))
+                    + gamma(k, u) * func(aa, ab))
+        if name == "where":
+            return torch.where(args[0], e(args[1]), e(args[2]))
+        if name == "masked_fill":
+            return e(a).expand(a.shape).masked_fill(args[1], 0.0)
+        if name in ("amax", "amin", "max", "min") and len(args) >= 2 and \
+                isinstance(b, torch.Tensor):                  # elementwise max / min
+            return e(a) + e(b)
+        if name in ("amax", "amin", "max", "min"):
+            ea = e(a).expand(a.shape)
+            if len(args) == 1:
+                return ea.amax()
+            dim = args[1]
+            keep = args[2] if len(args) > 2 else False
+            m = ea.amax(dim, keepdim=keep)
+            return (m, None) if isinstance(out, (tuple, list)) else m
+        if name in ("maximum", "minimum", "fmax", "fmin"):
+            return e(a) + e(b)
+        if name in ("neg", "abs", "clamp", "clamp_min", "clamp_max", "relu", "nan_to_num"):
+            return e(a).expand(a.shape)        # a clamp moves no value by more than its error
+        if name in _CREATION or (name in _STRUCTURAL and name != "copy"
+                                 and isinstance(a, torch.Tensor) and not a.is_floating_point()):
+            return torch.zeros(y.shape, dtype=torch.float64)       # e.g. a mask made float
+        if name == "copy" and not (isinstance(b, torch.Tensor) and b.is_floating_point()):
+            return torch.zeros(y.shape, dtype=torch.float64)
+        if name in _STRUCTURAL:
+            return func(*[self._swap(x) for x in args], **kwargs)
+        if name in _TRANSCENDENTAL:
+            x = a.detach().double()
+            ex = e(a)
+            if name == "exp":
+                d = ay
+            elif name == "exp2":
+                d = ay * math.log(2)
+            elif name == "expm1":
+                d = ay + 1
+            elif name in ("log", "log2"):
+                d = 1 / x.abs()
+            elif name == "log1p":
+                d = 1 / (1 + x).abs()
+            elif name == "sqrt":
+                d = torch.where(ay > 0, 0.5 / ay, torch.inf)
+            elif name == "rsqrt":
+                d = 0.5 * ay / x.abs()
+            elif name == "reciprocal":
+                d = ay * ay
+            elif name == "sigmoid":
+                d = ay * (1 - ay)
+            elif name == "tanh":
+                d = 1 - ay * ay
+            elif name in ("softplus", "log_sigmoid_forward"):
+                d = torch.sigmoid(x if name == "softplus" else -x)
+            elif name == "pow":
+                if isinstance(b, torch.Tensor):
+                    raise NotImplementedError("ErrorBounds: pow with a tensor exponent")
+                d = abs(b) * x.abs() ** (b - 1) if b != 0 else torch.zeros_like(x)
+                if b in (1, 2):
+                    return d * ex + u * ay
+            elif name == "erf":
+                d = 2 / math.sqrt(math.pi) * torch.exp(-x * x)
+            else:
+                d = 1 / (1 + x * x)
+            r = d * ex + 4 * u * ay
+            if name == "log_sigmoid_forward":
+                return (r, torch.zeros_like(out[1], dtype=torch.float64))
+            return r
+        if name == "sigmoid_backward":              # grad * y * (1 - y)
+            g_, s_ = a.detach().double(), b.detach().double()
+            return ((s_ * (1 - s_)).abs() * e(a) + (g_ * (1 - 2 * s_)).abs() * e(b)
+                    + 3 * u * ay + u * (g_ * s_).abs())
+        if name == "tanh_backward":                 # grad * (1 - y^2)
+            g_, t_ = a.detach().double(), b.detach().double()
+            return ((1 - t_ * t_).abs() * e(a) + 2 * (g_ * t_).abs() * e(b) + 3 * u * ay
+                    + u * g_.abs())
+        if name == "log_sigmoid_backward":          # grad * sigmoid(-x)
+            g_, x_ = a.detach().double(), b.detach().double()
+            s_ = torch.sigmoid(-x_)
+            return s_ * e(a) + (g_ * s_ * (1 - s_)).abs() * e(b) + 5 * u * ay
+        if name in ("eq", "ne", "gt", "lt", "ge", "le", "isnan", "isinf", "isfinite",
+                    "logical_and", "logical_or", "logical_not", "any", "all", "argmax", "argmin",
+                    "nonzero", "count_nonzero"):
+            return None
+        raise NotImplementedError(f"ErrorBounds: no rule for {func}")
+
+    def _swap(self, x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return self.get(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._swap(y) for y in x)
+        return x
+
+
+class LossBounds(NamedTuple):
+    """Bounds on |float32 result - exact| for a loss on log-probs: the loss, its float metrics
+    (a dict), and the gradients (RoundingBounds: d_hidden, d_weight, d_bias)."""
+    loss: torch.Tensor
+    metrics: dict
+    grads: RoundingBounds
+
+
+def loss_rounding_bounds(loss_of_logp, backend, dtype, hidden, weight, bias, targets,
+                         temperature=1.0, softcap=None) -> LossBounds:
+    """Rounding bounds for ``loss, metrics = loss_of_logp(linear_logprobs(hidden, weight, ...))``
+    computed in float32 on ``backend``: the log-probs' bounds (backend_rounding_bounds) are the
+    input errors of the loss epilogue, which ErrorBounds follows through the loss, its metrics
+    and its gradient g w.r.t. the log-probs; g's error then enters the backward of the op (the
+    ``dg`` of linear_softmax_rounding_bounds). ``loss_of_logp`` gets exact float64 log-probs and
+    must build its other float inputs in float64 (exact copies of the float32 ones). A fused
+    implementation of the same formulas (any summation order) is covered alike."""
+    from gift_fast import linear_logprobs
+    h, w = hidden.detach().double(), weight.detach().double()
+    b = bias.detach().double() if bias is not None else None
+    lp = linear_logprobs(h, w, targets, b, temperature=temperature, softcap=softcap,
+                         backend="reference", reference_dtype=torch.float64).detach()
+    lp.requires_grad_()
+    base = backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets,
+                                   temperature=temperature, softcap=softcap)
+    with ErrorBounds(U32) as eb:
+        eb.set(lp, base.logp.reshape(lp.shape))
+        loss, metrics = loss_of_logp(lp)
+        g, = torch.autograd.grad(loss, lp)
+    d_loss = eb.get(loss)
+    d_metrics = {k: eb.get(v) for k, v in metrics.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    grads = backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets,
+                                    g.detach().reshape(-1), temperature=temperature,
+                                    softcap=softcap, dg=eb.get(g).reshape(-1))
+    return LossBounds(d_loss, d_metrics, grads)
