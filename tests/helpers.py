@@ -428,6 +428,15 @@ class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
             return (m, None) if isinstance(out, (tuple, list)) else m
         if name in ("maximum", "minimum", "fmax", "fmin"):
             return e(a) + e(b)
+        if name == "constant_pad_nd":              # padding with a constant: exact
+            return func(e(a).expand(a.shape), args[1], 0.0)
+        if name == "pow" and (isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor)):
+            # x^p with a tensor exponent (or a number base): d/dx = p x^(p-1), d/dp = y log x
+            x = a.detach().double() if isinstance(a, torch.Tensor) else torch.tensor(float(a))
+            q = b.detach().double() if isinstance(b, torch.Tensor) else torch.tensor(float(b))
+            dx = torch.where(q == 0, 0.0, (q * x.abs() ** (q - 1)).abs())
+            dq = torch.where(ay == 0, 0.0, ay * x.abs().log().abs())
+            return dx * e(a) + dq * e(b) + 4 * u * ay
         if name in ("neg", "abs", "clamp", "clamp_min", "clamp_max", "relu", "nan_to_num"):
             return e(a).expand(a.shape)        # a clamp moves no value by more than its error
         if name in _CREATION or (name in _STRUCTURAL and name != "copy"
@@ -538,3 +547,47 @@ def loss_rounding_bounds(loss_of_logp, backend, dtype, hidden, weight, bias, tar
                                     g.detach().reshape(-1), temperature=temperature,
                                     softcap=softcap, dg=eb.get(g).reshape(-1))
     return LossBounds(d_loss, d_metrics, grads)
+
+
+def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targets,
+                              shard_sizes=None) -> LossBounds:
+    """loss_rounding_bounds for a loss front-end ``front(hidden, weight, bias, backend=...)``
+    (gift_fast.losses): its policy log-probs (``_policy_logps``, the one entry point of every
+    front-end) are replaced by exact float64 ones carrying the backend's rounding bounds (with
+    the temperature and softcap the front-end asks for), and the rest of the front-end runs in
+    float64 under ErrorBounds. ``shard_sizes``: the log-probs come from a vocabulary-parallel
+    lm_head with these shards."""
+    import gift_fast.losses as losses
+    from gift_fast import linear_logprobs
+    h, w = hidden.detach().double(), weight.detach().double()
+    b = bias.detach().double() if bias is not None else None
+    seen = {}
+
+    def exact_logps(hh, ww, tt, bb, temperature, ignore_index, be, softcap=None,
+                    vocab_parallel_group=None):
+        with torch.utils._python_dispatch._disable_current_modes():
+            lp = linear_logprobs(h, w, tt, b, temperature=temperature, softcap=softcap,
+                                 ignore_index=ignore_index, backend="reference",
+                                 reference_dtype=torch.float64).detach().requires_grad_()
+            base = backend_rounding_bounds(backend, dtype, hidden, weight, bias, tt,
+                                           temperature=temperature, softcap=softcap,
+                                           ignore_index=ignore_index, shard_sizes=shard_sizes)
+            eb.set(lp, base.logp.reshape(lp.shape))
+        seen.update(lp=lp, targets=tt, kw=dict(temperature=temperature, softcap=softcap,
+                                                ignore_index=ignore_index))
+        return lp
+
+    saved = losses._policy_logps
+    losses._policy_logps = exact_logps
+    try:
+        with ErrorBounds(U32) as eb:
+            loss, metrics = front(h, w, b, backend="torch")
+            g, = torch.autograd.grad(loss, seen["lp"])
+    finally:
+        losses._policy_logps = saved
+    d_metrics = {k: eb.get(v) for k, v in metrics.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    grads = backend_rounding_bounds(backend, dtype, hidden, weight, bias, seen["targets"],
+                                    g.detach().reshape(-1), dg=eb.get(g).reshape(-1),
+                                    shard_sizes=shard_sizes, **seen["kw"])
+    return LossBounds(eb.get(loss), d_metrics, grads)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.utils._python_dispatch
-from helpers import LargestAllocation, backend_rounding_bounds
+from helpers import LargestAllocation, backend_rounding_bounds, front_end_rounding_bounds
 
 V, H = 37, 16
 SPLITS = {2: [17, 20], 3: [10, 15, 12], 4: [9, 1, 15, 12]}   # rows of the lm_head per rank
@@ -213,12 +213,15 @@ def _loss_cases(group, sizes, rank, backend):
             h2, w2, b2 = _leaves(hidden, weight[lo:hi], bias[lo:hi])
             loss2, _ = front(h2, w2, b2, backend=backend, vocab_parallel_group=group)
             g2 = torch.autograd.grad(loss2, (h2, w2, b2))
-            def tol(x):
-                return 2e-5 * max(1.0, x.abs().max().item())
-            rec.diff("loss", loss2, loss1, tol(loss1))
-            rec.diff("d_hidden", g2[0], g1[0], tol(g1[0]))
-            rec.diff("d_weight_shard", g2[1], g1[1][lo:hi], tol(g1[1][lo:hi]))
-            rec.diff("d_bias_shard", g2[2], g1[2][lo:hi], tol(g1[2][lo:hi]))
+            # each within its rounding bound of the exact value (helpers.py), the two within the sum
+            one, two = (front_end_rounding_bounds(front, backend, torch.float32, hidden, weight,
+                                                  bias, targets, shard_sizes=s)
+                        for s in (None, sizes))
+            rec.diff("loss", loss2, loss1, one.loss + two.loss)
+            rec.diff("d_hidden", g2[0], g1[0], one.grads.d_hidden + two.grads.d_hidden)
+            rec.diff("d_weight_shard", g2[1], g1[1][lo:hi],
+                     (one.grads.d_weight + two.grads.d_weight)[lo:hi])
+            rec.diff("d_bias_shard", g2[2], g1[2][lo:hi], (one.grads.d_bias + two.grads.d_bias)[lo:hi])
         except Exception:   # noqa: BLE001 - reported to the parent, which fails the test
             rec.check("raised", False, traceback.format_exc())
         results[f"loss/{backend}/{name}"] = rec.rows
