@@ -545,18 +545,19 @@ def loss_rounding_bounds(loss_of_logp, backend, dtype, hidden, weight, bias, tar
                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
     grads = backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets,
                                     g.detach().reshape(-1), temperature=temperature,
-                                    softcap=softcap, dg=eb.get(g).reshape(-1))
+                                    softcap=softcap, dg=eb.get(g).reshape(-1),
+                                    oracle_rounds_outputs=False)
     return LossBounds(d_loss, d_metrics, grads)
 
 
 def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targets,
-                              shard_sizes=None) -> LossBounds:
+                              shard_sizes=None, oracle_rounds_outputs=False) -> LossBounds:
     """loss_rounding_bounds for a loss front-end ``front(hidden, weight, bias, backend=...)``
     (gift_fast.losses): its policy log-probs (``_policy_logps``, the one entry point of every
     front-end) are replaced by exact float64 ones carrying the backend's rounding bounds (with
     the temperature and softcap the front-end asks for), and the rest of the front-end runs in
     float64 under ErrorBounds. ``shard_sizes``: the log-probs come from a vocabulary-parallel
-    lm_head with these shards."""
+    lm_head with these shards; ``oracle_rounds_outputs``: as in backend_rounding_bounds."""
     import gift_fast.losses as losses
     from gift_fast import linear_logprobs
     h, w = hidden.detach().double(), weight.detach().double()
@@ -589,5 +590,6 @@ def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targe
                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
     grads = backend_rounding_bounds(backend, dtype, hidden, weight, bias, seen["targets"],
                                     g.detach().reshape(-1), dg=eb.get(g).reshape(-1),
-                                    shard_sizes=shard_sizes, **seen["kw"])
+                                    shard_sizes=shard_sizes,
+                                    oracle_rounds_outputs=oracle_rounds_outputs, **seen["kw"])
     return LossBounds(eb.get(loss), d_metrics, grads)
