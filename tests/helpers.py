@@ -551,13 +551,15 @@ def loss_rounding_bounds(loss_of_logp, backend, dtype, hidden, weight, bias, tar
 
 
 def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targets,
-                              shard_sizes=None, oracle_rounds_outputs=False) -> LossBounds:
+                              shard_sizes=None, oracle_rounds_outputs=False,
+                              input_errors=()) -> LossBounds:
     """loss_rounding_bounds for a loss front-end ``front(hidden, weight, bias, backend=...)``
     (gift_fast.losses): its policy log-probs (``_policy_logps``, the one entry point of every
     front-end) are replaced by exact float64 ones carrying the backend's rounding bounds (with
     the temperature and softcap the front-end asks for), and the rest of the front-end runs in
     float64 under ErrorBounds. ``shard_sizes``: the log-probs come from a vocabulary-parallel
-    lm_head with these shards; ``oracle_rounds_outputs``: as in backend_rounding_bounds."""
+    lm_head with these shards; ``oracle_rounds_outputs``: as in backend_rounding_bounds;
+    ``input_errors``: (tensor, bound) pairs for other inputs of the front-end that carry errors."""
     import gift_fast.losses as losses
     from gift_fast import linear_logprobs
     h, w = hidden.detach().double(), weight.detach().double()
@@ -582,6 +584,8 @@ def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targe
     losses._policy_logps = exact_logps
     try:
         with ErrorBounds(U32) as eb:
+            for t, err in input_errors:
+                eb.set(t, err)
             loss, metrics = front(h, w, b, backend="torch")
             g, = torch.autograd.grad(loss, seen["lp"])
     finally:
