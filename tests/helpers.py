@@ -597,3 +597,14 @@ def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targe
                                     shard_sizes=shard_sizes,
                                     oracle_rounds_outputs=oracle_rounds_outputs, **seen["kw"])
     return LossBounds(eb.get(loss), d_metrics, grads)
+
+
+def rounding_bound(fn, input_errors=(), u: float = U32):
+    """(value, bound): ``fn()`` computes a tensor in float64 from exact inputs (``input_errors``:
+    (tensor, bound) pairs for inputs that carry errors); the bound is that of the same
+    computation with unit roundoff ``u`` (ErrorBounds)."""
+    with ErrorBounds(u) as eb:
+        for t, err in input_errors:
+            eb.set(t, err)
+        out = fn()
+    return out, eb.get(out)
