@@ -428,6 +428,22 @@ class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
             return (m, None) if isinstance(out, (tuple, list)) else m
         if name in ("maximum", "minimum", "fmax", "fmin"):
             return e(a) + e(b)
+        if name in ("std", "var"):                 # two-pass: relative gamma(n + 3), + sqrt
+            dims = args[1] if len(args) > 1 and args[1] is not None else kwargs.get("dim")
+            dims = list(range(a.dim())) if dims is None else ([dims] if isinstance(dims, int)
+                                                               else list(dims))
+            corr = kwargs.get("correction", 1)
+            corr = 1 if corr is None else float(corr)
+            keep = kwargs.get("keepdim", False)
+            n = 1
+            for d in dims:
+                n *= a.shape[d]
+            x = a.detach().double()
+            dev = (x - x.mean(dims, keepdim=True)).abs()
+            dvar = 2 * (dev * e(a)).sum(dims, keepdim=keep) / max(n - corr, 1)
+            if name == "var":
+                return dvar + gamma(n + 3, u) * ay
+            return torch.where(ay > 0, dvar / (2 * ay), dvar.sqrt()) + (gamma(n + 3, u) + 4 * u) * ay
         if name == "constant_pad_nd":              # padding with a constant: exact
             return func(e(a).expand(a.shape), args[1], 0.0)
         if name == "pow" and (isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor)):
