@@ -134,7 +134,7 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     4. Logit gradient G_v = (p_v (-g - e (z_v - mu)) + g [v = t]) / T, times the softcap slope
        f_v = 1 - tanh^2 (|d f_v| <= 2 |tanh| T dz_v / c + 3u): with exp's 4u and the four
        products / differences of the epilogue (4u),
-       dG_v <= (p_v (dz'_v + dlse + 8u) (|g| + |e| |z_v - mu|) + p_v |e| (dz'_v + dmu)) f_v / T
+       dG_v <= (p_v (e^(dz'_v + dlse + 8u) - 1) (|g| + |e| |z_v - mu|) + p_v |e| (dz'_v + dmu)) f_v / T
                + |G_v / f_v| |d f_v| + (u + dlogits_u) |G_v|.
     5. dX = G @ W, dW = G.T @ x, db = sum_n G: the propagated part plus the GEMM's own rounding,
        |d dX| <= |dG| @ |W| + gamma(V) |G| @ |W| (likewise gamma(N) for dW and db), plus
@@ -226,7 +226,9 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     onehot[in_vocab, t_safe[in_vocab]] = 1.0
     zc = z - mu[:, None]
     G0 = (p * (-gg[:, None] - ee[:, None] * zc) + gg[:, None] * onehot) / T   # before softcap
-    dG = (p * (dz + d_lse[:, None] + 8 * u) * (gg.abs()[:, None] + ee.abs()[:, None] * zc.abs())
+    # p = e^(z - lse) moves by p (e^(dz' + dlse + 8u) - 1) at most: not only to first order
+    dG = (p * torch.expm1(dz + d_lse[:, None] + 8 * u)
+          * (gg.abs()[:, None] + ee.abs()[:, None] * zc.abs())
           + p * ee.abs()[:, None] * (dz + d_mu[:, None])) / T
     if softcap is not None:
         d_slope = 2 * tanh.abs() * T * dz / softcap + 3 * u

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gift_fast.backends.torch_chunked as tc
-from helpers import assert_within, linear_softmax_rounding_bounds, unit_roundoff
+from helpers import U32, assert_within, gamma, linear_softmax_rounding_bounds, unit_roundoff
 
 IGNORE = -100
 
@@ -209,3 +209,35 @@ def test_tile_shape_is_bounded_whatever_n_and_v():
         rows, cols = tc.tile_shape(n, v)
         assert 1 <= rows <= min(n, tc.ROW_BLOCK) and 1 <= cols <= v
         assert rows * cols <= tc.CHUNK_ELEMENTS
+
+
+def test_rounding_bound_covers_the_worst_case_logit_rounding():
+    """The d_hidden bound of the far-below case (helpers.py) against the exact first-order worst
+    case of logit rounding alone: the forward (lse, entropy) and the backward (which recomputes
+    the logits of the live rows only, a GEMM of another shape) round each logit independently,
+    by up to gamma(H+1) (|x|.|W_v| + |b_v|) / T. That worst case exceeds 1e-5 x max|dX| (the
+    old tolerance, which a 2-core EPYC exceeded with 0.0755) and stays within the bound."""
+    N, H, V, T = 11, 6, 41, 0.5
+    hidden, weight, b, targets, g, e = _inputs(N, H, V, torch.float32, seed=3)
+    weight = weight * 100.0
+    bound = _bounds(hidden, weight, b, targets, g, e, T, None).d_hidden
+    x, w, bb = hidden.double(), weight.double(), b.double()
+    z0 = (x @ w.T + bb) / T
+    dz = gamma(H + 1) * (x.abs() @ w.abs().T + bb.abs()) / T + 4 * U32 * z0.abs()
+    active = targets != IGNORE
+    in_vocab = active & (targets >= 0) & (targets < V)
+    onehot = torch.zeros(N, V, dtype=torch.float64)
+    onehot[in_vocab, targets[in_vocab]] = 1.0
+    gg, ee = torch.where(active, g, 0.0), torch.where(active, e, 0.0)
+
+    def d_hidden(z_bwd, z_fwd):
+        lse = torch.logsumexp(z_fwd, 1, keepdim=True)
+        mu = (torch.exp(z_fwd - lse) * z_fwd).sum(1, keepdim=True)
+        p = torch.exp(z_bwd - lse)
+        return ((p * (-gg[:, None] - ee[:, None] * (z_bwd - mu)) + gg[:, None] * onehot) / T) @ w
+
+    jac = torch.autograd.functional.jacobian(d_hidden, (z0, z0))
+    worst = sum(torch.einsum("nkv,nv->nk", torch.stack([j[n, :, n] for n in range(N)]).abs(), dz)
+                for j in jac)
+    assert worst.max() > 1e-5 * _oracle(hidden, weight, b, targets, g, e, T, None)[1][0].abs().max()
+    assert torch.all(worst <= bound)
