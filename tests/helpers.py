@@ -103,7 +103,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     gradients are rounded to it at the end (default: not), ``out_roundings`` times (2 when the
     oracle's gradients are rounded to it too); ``p_floor``: an absolute error allowed
     in every probability (a backend that clamps exp's argument at a floor F passes e^F);
-    ``given_lse`` / ``given_entropy`` [N]: statistics handed to the backward from outside, exact inputs there
+    ``given_lse`` / ``given_entropy`` [N]: statistics handed to the backward from outside, exact
+    inputs there
     (default: the backward uses the forward's, with their rounding); ``dg`` [N]: a bound on the
     error of the upstream gradient ``g`` itself (it moves the logit gradient by
     dg |[v = t] - p_v| / T); ``shard_sizes``: the vocabulary is split into contiguous shards
@@ -117,14 +118,16 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
        a_v = |x|.|W_v| + |b_v|. softcap has slope <= 1; its ops and the division by T round
        relative to their result (4u |z_v|), and tanh itself is within 4u absolute (a kernel
        may form it as 1 - 2 / (e^2y + 1), which cancels near 0), c 4u / T after scaling:
-       dz_v <= gamma(H+1) a_v / T + 4u |z_v| (+ 4u c / T with softcap c), which bounds the target logit's error and, the max
+       dz_v <= gamma(H+1) a_v / T + 4u |z_v| (+ 4u c / T with softcap c), which bounds the
+       target logit's error and, the max
        of perturbed values moving by at most the largest perturbation, the max logit's. The
        later subtraction of lse / max / mu rounds once more relative to its result, and so may
        exp's own argument scaling (exp2 of y log2 e): the shifted logits are within
        dz'_v = dz_v + 2u (|z_v - lse| + |z_v - mu|).
     2. lse = m + log sum_v exp(z_v - m), streamed: exp within 2 ulp (4u), V - 1 additions and at
        most V rescales of the running sum (exp and a product, 5u each): s is within
-       gamma(6V + 4) relative, so dlse <= sum_v p_v dz'_v + gamma(6V + 4) + 2u |lse|; logp = z_t - lse adds
+       gamma(6V + 4) relative, so dlse <= sum_v p_v dz'_v + gamma(6V + 4) + 2u |lse|;
+       logp = z_t - lse adds
        dz_t and u |logp|. (A probability p_floor at most, per column, moves lse and mu by
        less than V p_floor (1 + |z - max z|): negligible next to these terms at e^-80.)
     3. mu = E_p[z] = sum_v p_v z_v; with dp_v = p_v (dz_v - dlse) and sum_v p_v dz_v = dlse,
@@ -134,7 +137,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     4. Logit gradient G_v = (p_v (-g - e (z_v - mu)) + g [v = t]) / T, times the softcap slope
        f_v = 1 - tanh^2 (|d f_v| <= 2 |tanh| T dz_v / c + 3u): with exp's 4u and the four
        products / differences of the epilogue (4u),
-       dG_v <= (p_v (e^(dz'_v + dlse + 8u) - 1) (|g| + |e| |z_v - mu|) + p_v |e| (dz'_v + dmu)) f_v / T
+       dG_v <= (p_v (e^(dz'_v + dlse + 8u) - 1) (|g| + |e| |z_v - mu|)
+               + p_v |e| (dz'_v + dmu)) f_v / T
                + |G_v / f_v| |d f_v| + (u + dlogits_u) |G_v|.
     5. dX = G @ W, dW = G.T @ x, db = sum_n G: the propagated part plus the GEMM's own rounding,
        |d dX| <= |dG| @ |W| + gamma(V) |G| @ |W| (likewise gamma(N) for dW and db), plus
@@ -170,7 +174,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         lse_s = torch.logsumexp(zs, 1)
         p_s = torch.exp(zs - lse_s[:, None])
         mu_s = (p_s * zs).sum(1)
-        dz_s = dz_logit[:, cols] + 2 * u * ((zs - lse_s[:, None]).abs() + (zs - mu_s[:, None]).abs())
+        dz_s = dz_logit[:, cols] + 2 * u * ((zs - lse_s[:, None]).abs()
+                                            + (zs - mu_s[:, None]).abs())
         g_s = gamma(6 * zs.shape[1] + 4, u)
         d_lse_s = (p_s * dz_s).sum(1) + g_s + 2 * u * lse_s.abs()
         d_mu_s = ((p_s * dz_s * (1 + (zs - mu_s[:, None]).abs())).sum(1)
@@ -255,7 +260,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     if b is not None:
         d_bias = dG.sum(0) + gamma(N, u) * Ga.sum(0)
         d_bias = d_bias + out_u * (G.sum(0).abs() + d_bias) + out_abs
-    return RoundingBounds(d_max, d_target, d_lse, d_logp, d_ent, dG, d_hidden.reshape(hidden.shape), d_weight, d_bias)
+    return RoundingBounds(d_max, d_target, d_lse, d_logp, d_ent, dG,
+                          d_hidden.reshape(hidden.shape), d_weight, d_bias)
 
 
 def assert_within(name: str, got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> float:
@@ -445,7 +451,8 @@ class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
             dvar = 2 * (dev * e(a)).sum(dims, keepdim=keep) / max(n - corr, 1)
             if name == "var":
                 return dvar + gamma(n + 3, u) * ay
-            return torch.where(ay > 0, dvar / (2 * ay), dvar.sqrt()) + (gamma(n + 3, u) + 4 * u) * ay
+            d_std = torch.where(ay > 0, dvar / (2 * ay), dvar.sqrt())
+            return d_std + (gamma(n + 3, u) + 4 * u) * ay
         if name == "constant_pad_nd":              # padding with a constant: exact
             return func(e(a).expand(a.shape), args[1], 0.0)
         if name == "pow" and (isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor)):

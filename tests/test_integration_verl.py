@@ -106,7 +106,8 @@ def test_float32_close_to_authors_and_uniform_groups_exact():
     loss, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index)
     ref = authors_policy_loss(old, logp, adv, mask, index)
     a64 = adv.double()
-    _, b_ours = rounding_bound(lambda: V.compute_policy_loss_gift(o64, l64, a64, m64, index=index)[0])
+    _, b_ours = rounding_bound(
+        lambda: V.compute_policy_loss_gift(o64, l64, a64, m64, index=index)[0])
     _, b_theirs = rounding_bound(lambda: authors_policy_loss(o64, l64, a64, m64, index))
     assert_within("loss", loss, ref, b_ours + b_theirs)
     # equal rewards in a group: exactly 0 here, rounding noise of order 1e-2 in the authors' code

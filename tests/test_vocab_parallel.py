@@ -222,7 +222,8 @@ def _loss_cases(group, sizes, rank, backend):
             rec.diff("d_hidden", g2[0], g1[0], one.grads.d_hidden + two.grads.d_hidden)
             rec.diff("d_weight_shard", g2[1], g1[1][lo:hi],
                      (one.grads.d_weight + two.grads.d_weight)[lo:hi])
-            rec.diff("d_bias_shard", g2[2], g1[2][lo:hi], (one.grads.d_bias + two.grads.d_bias)[lo:hi])
+            rec.diff("d_bias_shard", g2[2], g1[2][lo:hi],
+                     (one.grads.d_bias + two.grads.d_bias)[lo:hi])
         except Exception:   # noqa: BLE001 - reported to the parent, which fails the test
             rec.check("raised", False, traceback.format_exc())
         results[f"loss/{backend}/{name}"] = rec.rows

@@ -120,7 +120,8 @@ def test_grpo_vs_liger(loss_type, beta):
     _close(ours, theirs, lo, lt, bound)
     # metrics: Liger returns [kl] (when beta != 0) then clip ratio, both over active tokens
     clip = their_metrics[-1]
-    assert_within("clip_fraction", m["clip_fraction"], clip.float(), 2 * bound.metrics["clip_fraction"])
+    assert_within("clip_fraction", m["clip_fraction"], clip.float(),
+                  2 * bound.metrics["clip_fraction"])
     assert 0 < m["clip_fraction"].item() < 1
     if beta:
         assert_within("kl", m["kl"], their_metrics[0].float(), 2 * bound.metrics["kl"])
