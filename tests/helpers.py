@@ -321,7 +321,7 @@ _STRUCTURAL = {
     "split_with_sizes", "narrow", "repeat", "flip", "copy", "unbind", "as_strided", "roll",
     "diagonal", "masked_select", "take_along_dim", "unfold", "chunk", "_reshape_alias",
     "squeeze_copy", "view_copy", "expand_copy", "slice_backward", "select_backward",
-    "index_select_backward", "unsqueeze_copy", "index_put",
+    "index_select_backward", "unsqueeze_copy", "index_put", "embedding",
 }
 # Ops that create values (constants, fills, signs of values not on a tie): exact.
 _CREATION = {
