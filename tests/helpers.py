@@ -133,7 +133,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     3. mu = E_p[z] = sum_v p_v z_v; with dp_v = p_v (dz_v - dlse) and sum_v p_v dz_v = dlse,
        dmu <= sum_v p_v dz'_v (1 + |z_v - mu|) + gamma(6V + 4) sum_v p_v |z_v - max z|
        + 2u (|lse| + |H|) (the sum b = sum e^(z-m) (z-m), H = log s - b/s, mu = lse - H);
-       entropy H = lse - mu: dH <= dlse + dmu.
+       the entropy, from the same logits, moves by sum_v p_v |z_v - mu| dz'_v at first order
+       (plus the sums' rounding), and by at most dlse + dmu when combined over shards.
     4. Logit gradient G_v = (p_v (-g - e (z_v - mu)) + g [v = t]) / T, times the softcap slope
        f_v = 1 - tanh^2 (|d f_v| <= 2 |tanh| T dz_v / c + 3u): with exp's 4u and the four
        products / differences of the epilogue (4u),
@@ -185,6 +186,15 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
 
     lse, p, mu, d_lse, d_mu = stats(slice(None))
     ent = lse - mu
+    # The forward computes lse and H from the same rounded logits: dH/dz_v = -p_v (z_v - mu), so
+    # dH <= sum_v p_v |z_v - mu| dz'_v + the sums' rounding (s and b = sum e^(z-m) (z-m) within
+    # gamma(6V + 4) relative) + the last ops (H = log s - b/s).
+    g_red = gamma(6 * V + 4, u)
+    d_ent = ((p * dz_logit * (z - mu[:, None]).abs()).sum(1)
+             + 2 * u * (p * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
+                        * (z - mu[:, None]).abs()).sum(1)
+             + g_red * (1 + (p * (z - z.max(1, keepdim=True).values).abs()).sum(1))
+             + 2 * u * (lse.abs() + ent.abs() + 1))
     if shard_sizes is not None and len([n for n in shard_sizes if n]) > 1:
         assert sum(shard_sizes) == V, "shard_sizes must add up to V"
         starts = [sum(shard_sizes[:r]) for r in range(len(shard_sizes))]
@@ -200,8 +210,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         d_mu = ((big_p * (dm_r + (dl_r + d_lse) * (mu_r - mu).abs())).sum(0)
                 + g_c * (big_p * (lse_r - mu_r - a_r).abs()).sum(0)
                 + 2 * u * (lse.abs() + ent.abs()))
+        d_ent = d_lse + d_mu               # combined from the shards: no such cancellation
     dz = dz_logit + 2 * u * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
-    d_ent = d_lse + d_mu
     if targets is None:
         targets = torch.full((N,), ignore_index, dtype=torch.long)
     t = targets.reshape(-1).cpu()
