@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gift_fast.functional as Fn
+from helpers import assert_within, rounding_bound
 from tests.gift_authors_reference import authors_advantage, authors_policy_loss
 
 F64 = torch.float64
@@ -97,10 +98,18 @@ def test_float32_close_to_authors_and_uniform_groups_exact():
     V = _verl_module()
     rewards, mask, index, old, logp, _ = verl_batch([4, 4, 1], 5, seed=4, dtype=torch.float32)
     adv, _ = V.compute_gift_outcome_advantage(rewards, mask, index)
-    torch.testing.assert_close(adv, authors_advantage(rewards, mask, index), rtol=1e-5, atol=1e-5)
+    # both float32: each within its rounding bound (helpers.py) of the exact value
+    r64, o64, l64, m64 = (x.double() for x in (rewards, old, logp, mask))
+    _, b_ours = rounding_bound(lambda: V.compute_gift_outcome_advantage(r64, m64, index)[0])
+    _, b_theirs = rounding_bound(lambda: authors_advantage(r64, m64, index))
+    assert_within("advantage", adv, authors_advantage(rewards, mask, index), b_ours + b_theirs)
     loss, _ = V.compute_policy_loss_gift(old, logp, adv, mask, index=index)
     ref = authors_policy_loss(old, logp, adv, mask, index)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    a64 = adv.double()
+    _, b_ours = rounding_bound(
+        lambda: V.compute_policy_loss_gift(o64, l64, a64, m64, index=index)[0])
+    _, b_theirs = rounding_bound(lambda: authors_policy_loss(o64, l64, a64, m64, index))
+    assert_within("loss", loss, ref, b_ours + b_theirs)
     # equal rewards in a group: exactly 0 here, rounding noise of order 1e-2 in the authors' code
     same = torch.zeros(8, 3)
     same[:, -1] = 0.9
