@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,6 +20,7 @@ from gift_fast.distributed import FusedLossModel, demo
 from gift_fast.distributed.demo import TinyLM
 
 import reference_losses as R
+from helpers import finish_rank, init_gloo
 
 # sequences held by each rank, in rank order: uneven; one rank holds a single one, one holds none
 SPLITS = {1: [8], 2: [3, 5], 3: [1, 4, 3], 4: [3, 0, 1, 4]}
@@ -374,11 +374,10 @@ CASES = {
 }
 
 
-def run(rank: int, world: int, port: int, out_path: str, cases) -> None:
+def run(rank: int, world: int, init_method: str, out_path: str, cases) -> None:
     """Entry point of one rank (torch.multiprocessing.start_processes)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=180))
+    init_gloo(rank, world, 180, init_method=init_method)
     res = Results(rank)
     errors = {}
     try:
@@ -394,6 +393,8 @@ def run(rank: int, world: int, port: int, out_path: str, cases) -> None:
         elif errors:
             with open(f"{out_path}.rank{rank}", "w") as f:
                 json.dump({"errors": errors}, f)
-    finally:
+    except BaseException:       # the traceback goes to the parent; the group goes first
         dist.destroy_process_group()
+        raise
+    finish_rank()
 

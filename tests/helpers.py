@@ -1,12 +1,16 @@
-"""Helpers shared by several test modules: an allocation spy, a bounded multi-process spawn, and
-rounding-error bounds from which the float32 tolerances are derived."""
+"""Helpers shared by several test modules: an allocation spy, a bounded multi-process spawn, the
+set-up and tear-down of a spawned rank's gloo process group, and rounding-error bounds from which
+the float32 tolerances are derived."""
 import math
-import socket
+import os
+import sys
 from typing import NamedTuple, Optional
 import time
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -27,11 +31,37 @@ class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface (for a gloo rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(tmp_path) -> str:
+    """A file rendezvous for one spawn: no port to pick, so no race with other processes on the
+    machine for a port picked free and bound later (gloo's own connections use ports the OS
+    assigns)."""
+    return f"file://{os.path.join(str(tmp_path), 'rendezvous')}"
+
+
+def init_gloo(rank: int, world: int, timeout_s: float, **how) -> None:
+    """Joins the gloo group of a spawned rank; ``how``: ``init_method=`` or ``store=``."""
+    # torch.distributed.nn.functional binds ``group=group.WORLD`` as a default argument when first
+    # imported (DDP and FSDP2 import it): imported after init_process_group, it would keep the
+    # group, and its gloo worker threads, alive past destroy_process_group (see finish_rank).
+    import torch.distributed.nn  # noqa: F401
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s), **how)
+
+
+def finish_rank() -> None:
+    """The end of a spawned rank whose work is done and written: destroys the process group and
+    leaves without the interpreter's shutdown.
+
+    torch can keep the group referenced after destroy_process_group (after FSDP2, DTensor's
+    sharding caches hold its device mesh), so its gloo worker threads keep running. A worker
+    releasing the last collective's tensors while the interpreter shuts down takes the GIL;
+    Python then ends that thread with pthread_exit, whose unwind through a noexcept destructor
+    aborts the process: "terminate called without an active exception", SIGABRT, although every
+    case passed. There is nothing left to run, so the rank exits here, with exit code 0."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_and_wait(fn, args, nprocs: int, timeout_s: float, what: str) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import distributed_cases
-from helpers import free_port, spawn_and_wait
+from helpers import rendezvous, spawn_and_wait
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -28,8 +28,8 @@ TOL = {"epilogue": 1e-12, "front_end": 2e-5, "ddp": 2e-5, "fsdp2": 2e-5, "demo":
 
 def _run_world(world: int, tmp_path) -> dict:
     out = str(tmp_path / f"world{world}.json")
-    spawn_and_wait(distributed_cases.run, (world, free_port(), out, CASES_BY_WORLD[world]),
-                   world, SPAWN_TIMEOUT_S, f"world size {world}")
+    args = (world, rendezvous(tmp_path), out, CASES_BY_WORLD[world])
+    spawn_and_wait(distributed_cases.run, args, world, SPAWN_TIMEOUT_S, f"world size {world}")
     with open(out) as f:
         report = json.load(f)
     for r in range(1, world):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 import train_dp_cases  # noqa: E402
-from helpers import free_port, spawn_and_wait  # noqa: E402
+from helpers import rendezvous, spawn_and_wait  # noqa: E402
 from gift_fast.train import distributed as dp  # noqa: E402
 from gift_fast.train.metrics import read_log  # noqa: E402
 from gift_fast.train.rollout import Batch  # noqa: E402
@@ -38,7 +38,7 @@ TOL, GRAD_TOL, PARAM_TOL = 2e-5, 1e-4, 1e-3
 @needs_gloo
 def test_two_ranks_learn_like_one_process_on_the_union_of_their_prompts(tmp_path):
     out = str(tmp_path / "report")
-    spawn_and_wait(train_dp_cases.run, (2, free_port(), out, str(tmp_path)), 2,
+    spawn_and_wait(train_dp_cases.run, (2, rendezvous(tmp_path), out, str(tmp_path)), 2,
                    SPAWN_TIMEOUT_S, "train data-parallel")
     reports = [json.load(open(f"{out}.rank{r}")) for r in range(2)]
     errors = {f"{k} (rank {r})": v for r, rep in enumerate(reports) for k, v in rep["errors"].items()}
@@ -63,7 +63,7 @@ def test_two_ranks_learn_like_one_process_on_the_union_of_their_prompts(tmp_path
 @needs_gloo
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     out = str(tmp_path / "report")
-    spawn_and_wait(train_dp_cases.run_non_finite, (2, free_port(), out, str(tmp_path)), 2,
+    spawn_and_wait(train_dp_cases.run_non_finite, (2, rendezvous(tmp_path), out, str(tmp_path)), 2,
                    SPAWN_TIMEOUT_S, "train data-parallel, NaN on rank 1")
     outcomes = [json.load(open(f"{out}.rank{r}")) for r in range(2)]
     step = train_dp_cases.NAN_STEP

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.utils._python_dispatch
-from helpers import (LargestAllocation, assert_within, backend_rounding_bounds,
-                     front_end_rounding_bounds)
+from helpers import (LargestAllocation, assert_within, backend_rounding_bounds, finish_rank,
+                     front_end_rounding_bounds, init_gloo)
 
 V, H = 37, 16
 SPLITS = {2: [17, 20], 3: [10, 15, 12], 4: [9, 1, 15, 12]}   # rows of the lm_head per rank
@@ -349,14 +349,15 @@ def _worker(rank, world, port, out_dir):
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)          # 2 cores shared by up to 4 ranks
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=COLLECTIVE_TIMEOUT)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    init_gloo(rank, world, COLLECTIVE_TIMEOUT.total_seconds(), store=store)
     try:
         results, seconds = _run_cases(rank, world, dist.group.WORLD)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"results": results, "seconds": seconds}, f)
-    finally:
+    except BaseException:       # the traceback goes to the parent; the group goes first
         dist.destroy_process_group()
+        raise
+    finish_rank()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ log-probs, rewards, loss, DDP, clipping, AdamW) is the real trainer's.
 """
 import json
 import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,6 +16,7 @@ import gift_fast.train.trainer as trainer_module
 from gift_fast.train.config import TrainConfig
 from gift_fast.train.distributed import DataParallel
 from gift_fast.train.tokenizer import CharTokenizer
+from helpers import finish_rank, init_gloo
 
 WORLD = 2
 PER_RANK = 2            # prompts per rank and step; the single process gets WORLD * PER_RANK
@@ -127,10 +127,9 @@ def _gather_params(params):
     return parts
 
 
-def run(rank: int, world: int, port: int, out_path: str, tmp: str) -> None:
+def run(rank: int, world: int, init_method: str, out_path: str, tmp: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=180))
+    init_gloo(rank, world, 180, init_method=init_method)
     report, errors = {}, {}
     try:
         parallel = DataParallel(rank, world)
@@ -171,20 +170,21 @@ def run(rank: int, world: int, port: int, out_path: str, tmp: str) -> None:
                 break
         with open(f"{out_path}.rank{rank}", "w") as f:
             json.dump({"report": report, "errors": errors}, f, indent=1)
-    finally:
+    except BaseException:       # the traceback goes to the parent; the group goes first
         dist.destroy_process_group()
+        raise
+    finish_rank()
 
 
 NAN_STEP = SFT_STEPS + 1   # the second RL step
 
 
-def run_non_finite(rank: int, world: int, port: int, out_path: str, tmp: str) -> None:
+def run_non_finite(rank: int, world: int, init_method: str, out_path: str, tmp: str) -> None:
     """Rank 1's loss (not its gradient) is NaN at step NAN_STEP: every rank must stop there with
     a NonFiniteError (one rank stopping alone would leave the other waiting in a collective)."""
     from gift_fast.train import distributed
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=180))
+    init_gloo(rank, world, 180, init_method=init_method)
     real_loss, real_optimise = distributed.data_parallel_loss, trainer_module.Trainer._optimise
 
     def nan_share(*args, **kwargs):
@@ -213,4 +213,4 @@ def run_non_finite(rank: int, world: int, port: int, out_path: str, tmp: str) ->
         trainer_module.Trainer._optimise = real_optimise
         with open(f"{out_path}.rank{rank}", "w") as f:
             json.dump(outcome, f)
-        dist.destroy_process_group()
+    finish_rank()

@@ -67,6 +67,11 @@ def from_environment(device: torch.device) -> Optional[DataParallel]:
     # On CUDA the loss's collectives run on nccl; the trainer's few CPU ones (item counts,
     # evaluation sums, metric records) on gloo.
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    # torch.distributed.nn.functional binds ``group=group.WORLD`` as a default argument when first
+    # imported, and DDP imports it. Imported after init_process_group, it would keep the group
+    # alive past destroy_process_group, its gloo worker threads then running into interpreter
+    # shutdown, where one releasing a collective's tensors aborts the process (SIGABRT).
+    import torch.distributed.nn  # noqa: F401
     dist.init_process_group(backend)
     return DataParallel(dist.get_rank(), dist.get_world_size(), owns_group=True)
 
