@@ -98,19 +98,21 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def check_not_dtensor(name: str, t) -> None:
+def check_not_dtensor(name: str, t, context: str = "") -> None:
     """A sharded DTensor (FSDP2 / tensor parallel) must not reach the fused op.
 
-    Outside the root module's forward an FSDP2 parameter is a DTensor shard; reading it there (or
-    its ``full_tensor()``) bypasses FSDP2's gradient reduce-scatter and gives wrong gradients.
+    Outside the forward that FSDP2 runs for it, an FSDP2 parameter is a DTensor shard; reading it
+    there (or its ``full_tensor()``) bypasses FSDP2's gradient reduce-scatter and gives wrong
+    gradients. ``context`` (e.g. the caller) prefixes the message.
     """
     if t is not None and _is_dtensor(t):
         raise TypeError(
-            f"{name}: got a DTensor (placements {tuple(t.placements)}), expected a plain tensor. "
-            "Under FSDP2 (fully_shard) call the fused loss inside the forward of the root FSDP "
-            "module, where the lm_head weight is unsharded: wrap the model in "
-            "gift_fast.distributed.FusedLossModel (or a patched forward) and shard it with "
-            "fully_shard without giving lm_head its own fully_shard; never pass "
+            f"{context}{name}: got a DTensor (placements {tuple(t.placements)}), expected a plain "
+            "tensor. Under FSDP2 (fully_shard) call the fused loss inside the forward of the root "
+            "FSDP module: wrap the model in gift_fast.distributed.FusedLossModel, or call "
+            "gift_fast.integrations.hf.patch_model(model) before fully_shard and then "
+            "model(input_ids, token_logprobs=True, ...) (TRL: use_gift_fast / patch_trl); "
+            "lm_head may be in the root's unit or its own fully_shard unit. Never pass "
             "lm_head.weight, its full_tensor() or an unshard()-ed copy from outside that forward "
             "(FSDP2 would not reduce its gradient). See docs/distributed.md")
 

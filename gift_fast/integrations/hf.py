@@ -4,7 +4,8 @@
 applies the model's head (lm_head weight and bias, tied embeddings, final-logit softcapping,
 logit scaling) through :func:`gift_fast.linear_logprobs`. ``patch_model(model)`` makes the same
 computation available inside the model's own ``forward`` (``model(..., token_logprobs=True)``),
-which is where FSDP2 unshards the lm_head weight.
+which is where FSDP2 unshards the lm_head weight (and, when lm_head is its own ``fully_shard``
+unit, the fused head runs as a forward of that unit).
 
 The head of each architecture is described by a small registry keyed by ``config.model_type``; an
 architecture not in it raises a ``ValueError`` rather than silently dropping a logit transform.
@@ -12,6 +13,7 @@ architecture not in it raises a ``ValueError`` rather than silently dropping a l
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from dataclasses import dataclass
@@ -19,26 +21,29 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..distributed.fused_forward import is_fsdp_unit, run_in_fsdp_unit
 from ..logprobs import linear_logprobs
+from ..validation import _is_dtensor, check_not_dtensor
 
 
 @dataclass
 class CausalLMHead:
     """How a model turns its last hidden state ``h`` into logits:
-    ``z = softcap(logit_scale * (h @ weight.T + bias))`` (softcap ``c * tanh(z / c)`` if set)."""
+    ``z = softcap(logit_scale * (h @ weight.T + bias))`` (softcap ``c * tanh(z / c)`` if set).
+    ``module`` is the head module the weight and bias belong to (``lm_head``), when known."""
     weight: torch.Tensor
     bias: Optional[torch.Tensor] = None
     softcap: Optional[float] = None
     logit_scale: float = 1.0
+    module: Optional[torch.nn.Module] = dataclasses.field(default=None, repr=False, compare=False)
 
     def fold(self, hidden: torch.Tensor):
         """``(hidden, weight, bias)`` with ``logit_scale`` folded into hidden and bias (the head
         is linear, so scaling the ``[N, H]`` input is exact and avoids copying the ``[V, H]``
-        weight)."""
+        weight). A sharded (FSDP2 DTensor) weight raises: its gradient would bypass FSDP2."""
         weight, bias = self.weight, self.bias
-        if _is_dtensor(weight):   # FSDP2 outside the root forward: gather once, like any head call
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None and _is_dtensor(bias) else bias
+        check_not_dtensor("lm_head weight", weight, "gift_fast.integrations.hf: ")
+        check_not_dtensor("lm_head bias", bias, "gift_fast.integrations.hf: ")
         if self.logit_scale != 1.0:
             hidden = hidden * self.logit_scale
             bias = bias * self.logit_scale if bias is not None else None
@@ -46,13 +51,19 @@ class CausalLMHead:
             hidden = hidden.to(weight.dtype)
         return hidden, weight, bias
 
+    def apply(self, hidden: torch.Tensor, fn: Callable):
+        """``fn(*self.fold(hidden))``. When the head module is its own FSDP2 ``fully_shard`` unit,
+        ``fn`` runs as a forward of that unit (its weight unsharded, its gradient reduce-scattered
+        by FSDP2); ``fn`` should return tensors (or tuples, lists, dicts of them)."""
+        module = self.module
+        if module is None or not is_fsdp_unit(module):
+            return fn(*self.fold(hidden))
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:   # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+        def inside(hidden):   # the module's parameters are the unsharded ones only in here
+            head = dataclasses.replace(self, weight=module.weight,
+                                       bias=getattr(module, "bias", None))
+            return fn(*head.fold(hidden))
+        return run_in_fsdp_unit(module, inside, hidden)
 
 
 def _plain(model, cfg) -> dict:
@@ -118,7 +129,7 @@ def lm_head_of(model) -> CausalLMHead:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"model: expected get_output_embeddings() to hold a [V, H] weight, got "
                          f"{type(head).__name__}")
-    return CausalLMHead(weight=weight, bias=getattr(head, "bias", None),
+    return CausalLMHead(weight=weight, bias=getattr(head, "bias", None), module=head,
                         **_HEADS[model_type](model, cfg))
 
 
@@ -166,6 +177,20 @@ def _last_hidden(model, input_ids, attention_mask, model_kwargs):
     return hidden.to(head.weight.device), head
 
 
+def _sharded_outside_forward(model) -> Optional[str]:
+    """Name of a parameter of ``model`` that is an FSDP2 shard and that no forward run by
+    ``token_logprobs`` would unshard (one not under a ``fully_shard`` unit strictly inside
+    ``model``: the root's own parameters, outside the root's forward), or None."""
+    params = list(model.named_parameters())
+    if not any(_is_dtensor(p) for _, p in params):
+        return None
+    covered = set()
+    for module in model.modules():
+        if module is not model and is_fsdp_unit(module):
+            covered.update(id(p) for p in module.parameters())
+    return next((name for name, p in params if _is_dtensor(p) and id(p) not in covered), None)
+
+
 def _hidden_and_targets(model, input_ids, attention_mask, logits_to_keep, model_kwargs):
     """Last hidden states of the positions that predict a kept token, and those tokens."""
     hidden, head = _last_hidden(model, input_ids, attention_mask, model_kwargs)
@@ -199,11 +224,16 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional[torc
         w.r.t. the model's parameters (and ``inputs_embeds`` when given).
     """
     _check_ids(input_ids, attention_mask, logits_to_keep)
+    sharded = _sharded_outside_forward(model)
+    if sharded is not None:   # the body would fail in its embedding on a DTensor mix-up
+        check_not_dtensor(sharded, model.get_parameter(sharded),
+                          "token_logprobs(model) runs outside model's forward, where FSDP2 keeps "
+                          "the root's own parameters sharded: ")
     hidden, targets, head = _hidden_and_targets(model, input_ids, attention_mask, logits_to_keep,
                                                 model_kwargs)
-    h, w, b = head.fold(hidden)
-    return linear_logprobs(h, w, targets, b, temperature=temperature, softcap=head.softcap,
-                           return_entropy=return_entropy, backend=backend)
+    return head.apply(hidden, lambda h, w, b: linear_logprobs(
+        h, w, targets, b, temperature=temperature, softcap=head.softcap,
+        return_entropy=return_entropy, backend=backend))
 
 
 def positional_ids_and_mask(args, kwargs):
@@ -237,7 +267,9 @@ def patch_model(model):
     :func:`gift_fast.gift_loss`) and returns its result as ``loss``. Without ``token_logprobs``
     the forward is the original one (generation is unchanged). Under FSDP2 the lm_head weight is
     only unsharded inside the root module's forward, so a fused loss must run there: patch the
-    model before ``fully_shard`` and call it through the wrapped module.
+    model before ``fully_shard`` and call it through the wrapped module. lm_head may be in the
+    root's unit or its own ``fully_shard`` unit (the fused head then runs as a forward of that
+    unit); ``head_loss`` should then return tensors (or tuples, lists, dicts of them).
     """
     if getattr(model, "_gift_fast_patched", False):
         return model
@@ -255,13 +287,14 @@ def patch_model(model):
         _check_ids(input_ids, attention_mask, logits_to_keep)
         hidden, targets, head = _hidden_and_targets(self, input_ids, attention_mask, logits_to_keep,
                                                     kwargs)
-        h, w, b = head.fold(hidden)
         mask = targets != -100
         if head_loss is not None:
-            loss = head_loss(h, w, targets, bias=b, softcap=head.softcap, temperature=temperature)
+            loss = head.apply(hidden, lambda h, w, b: head_loss(
+                h, w, targets, bias=b, softcap=head.softcap, temperature=temperature))
             return TokenLogprobsOutput(mask=mask, loss=loss)
-        out = linear_logprobs(h, w, targets, b, temperature=temperature, softcap=head.softcap,
-                              return_entropy=return_entropy, backend=backend)
+        out = head.apply(hidden, lambda h, w, b: linear_logprobs(
+            h, w, targets, b, temperature=temperature, softcap=head.softcap,
+            return_entropy=return_entropy, backend=backend))
         logp, entropy = out if return_entropy else (out, None)
         return TokenLogprobsOutput(logprobs=logp, entropy=entropy, mask=mask)
 

@@ -128,18 +128,21 @@ def add_gift_fast_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
         targets = targets.to(hidden.device)
         if logits_to_keep is not None:
             hidden, targets = hidden[:, -logits_to_keep:], targets[:, -logits_to_keep:]
-        h, w, b = head.fold(hidden)
         mask = targets != -100
-        with torch.autocast(h.device.type, enabled=False):   # dtypes are the inputs' own
-            if cast_lm_head_to_fp32:
-                h, w = h.float(), w.float()
-                b = b.float() if b is not None else None
-            if head_loss is not None:
-                loss = head_loss(h, w, targets, bias=b, softcap=head.softcap,
-                                 temperature=temperature)
-                return FusedCausalLMOutput(loss=loss, label_mask=mask)
-            rows = _fused_head_outputs(h[mask], w, b, targets[mask], head.softcap, temperature,
-                                       outputs, backend)
+
+        def fused_head(h, w, b):   # runs inside lm_head's own FSDP2 unit when it has one
+            with torch.autocast(h.device.type, enabled=False):   # dtypes are the inputs' own
+                if cast_lm_head_to_fp32:
+                    h, w = h.float(), w.float()
+                    b = b.float() if b is not None else None
+                if head_loss is not None:
+                    return head_loss(h, w, targets, bias=b, softcap=head.softcap,
+                                     temperature=temperature)
+                return _fused_head_outputs(h[mask], w, b, targets[mask], head.softcap,
+                                           temperature, outputs, backend)
+        if head_loss is not None:
+            return FusedCausalLMOutput(loss=head.apply(hidden, fused_head), label_mask=mask)
+        rows = head.apply(hidden, fused_head)
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss)
         per_token = [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
                      for x in rows]
