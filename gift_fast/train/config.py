@@ -19,7 +19,7 @@ class TrainConfig:
     sft_lr: float = 3e-3
     sft_until: Optional[float] = 0.5    # end SFT once greedy accuracy on training problems >= this
     # On-policy RL
-    rl_steps: int = 300
+    rl_steps: int = 450
     prompts_per_step: int = 32          # 4 mini-batches of 8 prompts x 8 responses per update
     group_size: int = 8                 # G responses sampled per prompt
     mini_batches: int = 4               # optimiser steps per pass over a rollout (whole groups; at
