@@ -14,7 +14,7 @@ class TrainConfig:
     vocab: int = 2048                   # padded vocabulary size (exercises the large-vocab path)
     seed: int = 0
     # Supervised warm start (gold answers, the library's fused SFT loss)
-    sft_steps: int = 1500               # the limit; sft_until usually ends SFT earlier
+    sft_steps: int = 3000               # the limit; sft_until usually ends SFT earlier
     sft_batch: int = 64
     sft_lr: float = 3e-3
     sft_until: Optional[float] = 0.5    # end SFT once greedy accuracy on training problems >= this
