@@ -84,8 +84,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     sft.add_argument("--sft-batch", type=_positive_int, default=d.sft_batch, help="problems per SFT step")
     sft.add_argument("--sft-lr", type=_float, default=d.sft_lr, help="AdamW learning rate of the SFT phase")
     sft.add_argument("--sft-until", type=_float, default=d.sft_until, metavar="ACC",
-                     help="end SFT early, at the first multiple of 10 steps where greedy accuracy on "
-                          "256 training problems reaches ACC (0: off); --sft-steps is then the limit")
+                     help="end SFT early, at the first probe where greedy accuracy on 256 training "
+                          "problems reaches ACC (a probe every 10 steps, every 2 once a probe reached "
+                          "ACC/2; 0: off); --sft-steps is then the limit")
     sft.add_argument("--warm-start", default=None, metavar="PATH",
                      help="start RL from the checkpoint of an SFT-only run (--rl-steps 0) with the same "
                           "seed and SFT settings instead of repeating its SFT phase")

@@ -33,12 +33,14 @@ def test_reward_is_format_gated():
 # The CI learning test: the default recipe (SFT until 0.5 training accuracy, then GIFT with the
 # default RL settings), stopped after its first CI_RL_STEPS RL steps, on seeds 0 and 1. Held-out
 # greedy accuracy and held-out sampled reward must rise from the start of RL to the best of the
-# evaluations at steps 50, 75 and 100 by the margins below. They are set from the six-run study
-# of the default recipe (docs/training.md, "CI learning test"): the same statistic at step 100 in
-# all six runs (seeds 0-2, --threads 1 and 2) lies well above them, so another CPU's rounding
-# changes the path, not the verdict. Never an exact value.
+# evaluations at steps 50, 75 and 100 by the margins below. They are set from the runs of the
+# default recipe in docs/training.md ("Acceptance check", "CI learning test"): the same
+# statistic at step 100 was at least +0.047 (accuracy) and +0.059 (sampled reward) in every run
+# that reached RL from a warm start at the target, the smallest on the AVX2-emulated path of
+# seed 0; the margins are about 60 % and 50 % of those, so another CPU's rounding changes the
+# path, not the verdict. Never an exact value.
 CI_RL_STEPS = 100
-ACC_MARGIN, SAMPLED_REWARD_MARGIN = 0.08, 0.04
+ACC_MARGIN, SAMPLED_REWARD_MARGIN = 0.03, 0.03
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -17,12 +17,12 @@ class TrainConfig:
     vocab: int = 2048                   # padded vocabulary size (exercises the large-vocab path)
     seed: int = 0
     # Supervised warm start (gold answers, the library's fused SFT loss)
-    sft_steps: int = 1500               # the limit; sft_until usually ends SFT earlier
+    sft_steps: int = 3000               # the limit; sft_until usually ends SFT earlier
     sft_batch: int = 64
     sft_lr: float = 3e-3
     sft_until: Optional[float] = 0.5    # end SFT once greedy accuracy on training problems >= this
     # On-policy RL
-    rl_steps: int = 300
+    rl_steps: int = 450
     prompts_per_step: int = 32          # 4 mini-batches of 8 prompts x 8 responses per update
     group_size: int = 8                 # G responses sampled per prompt
     mini_batches: int = 4               # optimiser steps per pass over a rollout (whole groups; at

@@ -33,10 +33,11 @@ class MetricsLog:
             self.records: List[Dict] = kept
             return
         if keep_before > 0 and os.path.exists(path):
-            # An eval record's step counts the steps completed before it, a training record's
-            # step is its own index: both belong to the part of the run the checkpoint holds.
+            # An eval or SFT-probe record's step counts the steps completed before it, a training
+            # record's step is its own index: all belong to the part of the run the checkpoint
+            # holds (the probe schedule reads the last probe back).
             kept = [r for r in read_log(path) if r.get("step", 0) < keep_before
-                    or (r.get("phase") == "eval" and r.get("step") == keep_before)]
+                    or (r.get("phase") in ("eval", "sft_probe") and r.get("step") == keep_before)]
         with open(path, "w", encoding="utf-8") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
