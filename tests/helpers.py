@@ -1,4 +1,8 @@
-"""Helpers shared by several test modules: an allocation spy and a bounded multi-process spawn."""
+"""Helpers shared by several test modules: an allocation spy, a host-sync spy and a bounded
+multi-process spawn."""
+import collections
+import contextlib
+import functools
 import socket
 import time
 
@@ -44,3 +48,42 @@ def spawn_and_wait(fn, args, nprocs: int, timeout_s: float, what: str) -> None:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+# Tensor methods (and torch functions) that copy a device value to the host: on a GPU each one is
+# a device sync, and inside torch.compile each one is a graph break or a data-dependent shape.
+# item / bool / int / float all read one scalar; nonzero and tolist read the whole tensor.
+_SYNC_METHODS = ("item", "__bool__", "__int__", "__float__", "nonzero", "tolist")
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Counts host reads of tensor values while active: yields a ``collections.Counter`` keyed by
+    method name (``"item"``, ``"__bool__"``, ``"__int__"``, ``"__float__"``, ``"nonzero"``,
+    ``"tolist"``, and ``"torch.nonzero"`` for the function form).
+
+    A Python-level spy: it sees calls made from Python (library code, and the eager body of a
+    custom op called from a compiled graph), not reads done inside C++ kernels (e.g. the nonzero
+    of boolean-mask indexing). Compile outside the block (dynamo tracing calls these methods on
+    fake tensors), run the compiled step inside it.
+    """
+    counts = collections.Counter()
+    saved = {}
+
+    def spy(name, original):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    try:
+        for name in _SYNC_METHODS:
+            saved[(torch.Tensor, name)] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, spy(name, saved[(torch.Tensor, name)]))
+        saved[(torch, "nonzero")] = torch.nonzero
+        torch.nonzero = spy("torch.nonzero", torch.nonzero)
+        yield counts
+    finally:
+        for (owner, name), original in saved.items():
+            setattr(owner, name, original)
