@@ -200,3 +200,68 @@ def test_opcheck(backend):
                                                     None, backend, 1.0, None, True, False, False,
                                                     None, compact))
 
+
+def _front_inputs(B, T=5, H=8, V=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).requires_grad_()
+    weight = (0.5 * torch.randn(V, H, generator=g)).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[:, :2] = -100                      # prompt tokens
+    anchor = -3 * torch.rand(B, T, generator=g)
+    rewards = torch.rand(B, generator=g)
+    return hidden, weight, targets, anchor, rewards
+
+
+# Every loss front-end, on the composed path (linear_logprobs + the torch epilogue of
+# gift_fast.functional), with temperature and softcap; batch sizes are even (pairs, groups of 2).
+FRONTS = {
+    "gift": lambda h, w, t, a, r: gf.gift_loss(h, w, t, a, r, group_size=2, temperature=0.8,
+                                                backend="torch"),
+    "gift_uniform_drop": lambda h, w, t, a, r: gf.gift_loss(
+        h, w, t, a, r, group_size=2, drop_uniform_groups=True, softcap=3.0, backend="torch"),
+    "grpo": lambda h, w, t, a, r: gf.grpo_loss(h, w, t, a, r - r.mean(), ref_logps=a, beta=0.1,
+                                               backend="torch"),
+    "dpo": lambda h, w, t, a, r: gf.dpo_loss(h, w, t, a, softcap=2.0, backend="torch"),
+    "ipo": lambda h, w, t, a, r: gf.ipo_loss(h, w, t, a, backend="torch"),
+    "simpo": lambda h, w, t, a, r: gf.simpo_loss(h, w, t, sft_weight=0.5, backend="torch"),
+    "rpo": lambda h, w, t, a, r: gf.rpo_loss(h, w, t, a, r, backend="torch"),
+    "una": lambda h, w, t, a, r: gf.una_loss(h, w, t, a, backend="torch"),
+    "fdiv_sft": lambda h, w, t, a, r: gf.fdiv_sft_loss(h, w, t, a, divergence="js",
+                                                       backend="torch"),
+    "dft": lambda h, w, t, a, r: gf.dft_loss(h, w, t, temperature=1.2, backend="torch"),
+    "ift": lambda h, w, t, a, r: gf.ift_loss(h, w, t, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FRONTS))
+def test_loss_front_end_fullgraph_dynamic(name, monkeypatch):
+    """Compiled loss, metrics and gradients equal eager bit for bit: the eager reference is run
+    with the row compaction off (what the compiled backward does), so both run the same kernels
+    on the same rows, and aot_eager runs the epilogue's aten ops unchanged."""
+    fn = FRONTS[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    # Sizes whose pairs / groups number at least 2: torch specializes a dimension of size 0 or 1
+    # at the first compile (a compile at B = 2 would recompile at B = 4: one pair, one group).
+    for i, B in enumerate((4, 6, 8)):
+        h, w, t, a, r = _front_inputs(B, seed=B)
+        with monkeypatch.context() as m:
+            m.setattr("gift_fast.logprobs._must_not_sync", lambda hidden: True)
+            want_loss, want_metrics = fn(h, w, t, a, r)
+            want = torch.autograd.grad(want_loss, (h, w))
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            if i == 0:
+                compiled(h, w, t, a, r)
+            with count_host_syncs() as syncs:
+                loss, metrics = compiled(h, w, t, a, r)
+                got = torch.autograd.grad(loss, (h, w))
+        assert sum(syncs.values()) == 0, dict(syncs)
+        assert torch.equal(loss, want_loss)
+        assert metrics.keys() == want_metrics.keys()
+        for k in metrics:
+            assert torch.equal(metrics[k], want_metrics[k]), k
+        for g, ref in zip(got, want):
+            assert torch.equal(g, ref)
+    assert counters["stats"]["unique_graphs"] == 1
