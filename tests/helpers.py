@@ -11,17 +11,31 @@ import torch
 import torch.multiprocessing as mp
 
 
+def dispatch_into_custom_ops(mode, func, args, kwargs):
+    """``func(*args, **kwargs)`` for a TorchDispatchMode, looking inside custom ops.
+
+    A mode sees a ``torch.library`` custom op (``gift_fast::linear_logprobs_fwd`` / ``_bwd``) as
+    one op and runs it with the mode off, so the allocations inside would go unseen; the op's
+    Python body is run instead with the mode on."""
+    from torch._library.custom_ops import _maybe_get_opdef
+    opdef = _maybe_get_opdef(func)
+    if opdef is None:
+        return func(*args, **(kwargs or {}))
+    with mode:
+        return opdef._init_fn(*args, **(kwargs or {}))
+
+
 class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest floating-point tensor any aten op produces while active (logits or
-    their gradient would be floating point; the interpreter's uint8 copies of argument storages
-    are not ours)."""
+    """Records the largest floating-point tensor any aten op produces while active, inside the
+    library's custom ops too (logits or their gradient would be floating point; the
+    interpreter's uint8 copies of argument storages are not ours)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = dispatch_into_custom_ops(self, func, args, kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 self.largest = max(self.largest, t.numel())
