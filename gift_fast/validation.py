@@ -48,7 +48,8 @@ def check_positive(name: str, value: float) -> None:
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     if torch.compiler.is_compiling():
-        _assert_in_graph(torch.isfinite(t).all(), f"{name}: expected finite values, found NaN or inf")
+        _assert_in_graph(torch.isfinite(t).all(),
+                         f"{name}: expected finite values, found NaN or inf")
     elif not _capturing(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
 
@@ -131,7 +132,8 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int
     a graph-side assert under torch.compile)."""
     if torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-        _assert_in_graph(~bad.any(), f"targets: expected values in [0, {vocab_size}) or "
+        # The size is not formatted into the message: that would specialize a symbolic V.
+        _assert_in_graph(~bad.any(), f"targets: expected values in [0, V) (the vocabulary) or "
                                      f"ignore_index={ignore_index}")
     elif targets.numel() and not _capturing(targets):
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))

@@ -92,10 +92,11 @@ def _grad_tolerances(hidden, weight, bias, c, d, temperature, softcap, return_en
     return tols
 
 
-@pytest.mark.parametrize("return_entropy,temperature,softcap,bias", CASES)
-def test_linear_logprobs_fullgraph_dynamic(return_entropy, temperature, softcap, bias):
+@pytest.mark.parametrize("return_entropy,temperature,softcap,bias,backend",
+                         [c + ("torch",) for c in CASES] + [CASES[2] + ("triton",)])
+def test_linear_logprobs_fullgraph_dynamic(return_entropy, temperature, softcap, bias, backend):
     torch._dynamo.reset()
-    step = _make_step(return_entropy, temperature, softcap)
+    step = _make_step(return_entropy, temperature, softcap, backend)
     compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -215,26 +216,42 @@ def _front_inputs(B, T=5, H=8, V=24, seed=0):
 # Every loss front-end, on the composed path (linear_logprobs + the torch epilogue of
 # gift_fast.functional), with temperature and softcap; batch sizes are even (pairs, groups of 2).
 FRONTS = {
-    "gift": lambda h, w, t, a, r: gf.gift_loss(h, w, t, a, r, group_size=2, temperature=0.8,
-                                                backend="torch"),
-    "gift_uniform_drop": lambda h, w, t, a, r: gf.gift_loss(
-        h, w, t, a, r, group_size=2, drop_uniform_groups=True, softcap=3.0, backend="torch"),
-    "grpo": lambda h, w, t, a, r: gf.grpo_loss(h, w, t, a, r - r.mean(), ref_logps=a, beta=0.1,
-                                               backend="torch"),
-    "dpo": lambda h, w, t, a, r: gf.dpo_loss(h, w, t, a, softcap=2.0, backend="torch"),
-    "ipo": lambda h, w, t, a, r: gf.ipo_loss(h, w, t, a, backend="torch"),
-    "simpo": lambda h, w, t, a, r: gf.simpo_loss(h, w, t, sft_weight=0.5, backend="torch"),
-    "rpo": lambda h, w, t, a, r: gf.rpo_loss(h, w, t, a, r, backend="torch"),
-    "una": lambda h, w, t, a, r: gf.una_loss(h, w, t, a, backend="torch"),
-    "fdiv_sft": lambda h, w, t, a, r: gf.fdiv_sft_loss(h, w, t, a, divergence="js",
-                                                       backend="torch"),
-    "dft": lambda h, w, t, a, r: gf.dft_loss(h, w, t, temperature=1.2, backend="torch"),
-    "ift": lambda h, w, t, a, r: gf.ift_loss(h, w, t, backend="torch"),
+    "gift": lambda h, w, t, a, r, **kw: gf.gift_loss(
+        h, w, t, a, r, group_size=2, temperature=0.8, backend="torch", **kw),
+    "gift_uniform_drop": lambda h, w, t, a, r, **kw: gf.gift_loss(
+        h, w, t, a, r, group_size=2, drop_uniform_groups=True, softcap=3.0, backend="torch", **kw),
+    "grpo": lambda h, w, t, a, r, **kw: gf.grpo_loss(
+        h, w, t, a, r - r.mean(), ref_logps=a, beta=0.1, backend="torch", **kw),
+    "dpo": lambda h, w, t, a, r, **kw: gf.dpo_loss(h, w, t, a, softcap=2.0, backend="torch", **kw),
+    "ipo": lambda h, w, t, a, r, **kw: gf.ipo_loss(h, w, t, a, backend="torch", **kw),
+    "simpo": lambda h, w, t, a, r, **kw: gf.simpo_loss(
+        h, w, t, sft_weight=0.5, backend="torch", **kw),
+    "rpo": lambda h, w, t, a, r, **kw: gf.rpo_loss(h, w, t, a, r, backend="torch", **kw),
+    "una": lambda h, w, t, a, r, **kw: gf.una_loss(h, w, t, a, backend="torch", **kw),
+    "fdiv_sft": lambda h, w, t, a, r, **kw: gf.fdiv_sft_loss(
+        h, w, t, a, divergence="js", backend="torch", **kw),
+    "dft": lambda h, w, t, a, r, **kw: gf.dft_loss(h, w, t, temperature=1.2, backend="torch",
+                                                   **kw),
+    "ift": lambda h, w, t, a, r, **kw: gf.ift_loss(h, w, t, backend="torch", **kw),
 }
 
 
-@pytest.mark.parametrize("name", sorted(FRONTS))
-def test_loss_front_end_fullgraph_dynamic(name, monkeypatch):
+def _packed(B, T=5, H=8, V=24, seed=0):
+    """The padded inputs of ``_front_inputs`` packed, sequence i keeping its first T - i % 3
+    tokens (lengths differ), with their ``cu_seqlens``."""
+    h, w, t, a, r = _front_inputs(B, T, H, V, seed)
+    lengths = torch.tensor([T - i % 3 for i in range(B)])
+    keep = torch.arange(T)[None, :] < lengths[:, None]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    hp = h.detach()[keep].requires_grad_()
+    return hp, w, t[keep], a[keep], r, {"cu_seqlens": cu}
+
+
+# ift_loss takes the padded layout only.
+@pytest.mark.parametrize("name,layout", [(n, lay) for n in sorted(FRONTS)
+                                         for lay in ("padded", "packed")
+                                         if not (n == "ift" and lay == "packed")])
+def test_loss_front_end_fullgraph_dynamic(name, layout, monkeypatch):
     """Compiled loss, metrics and gradients equal eager bit for bit: the eager reference is run
     with the row compaction off (what the compiled backward does), so both run the same kernels
     on the same rows, and aot_eager runs the epilogue's aten ops unchanged."""
@@ -246,16 +263,19 @@ def test_loss_front_end_fullgraph_dynamic(name, monkeypatch):
     # Sizes whose pairs / groups number at least 2: torch specializes a dimension of size 0 or 1
     # at the first compile (a compile at B = 2 would recompile at B = 4: one pair, one group).
     for i, B in enumerate((4, 6, 8)):
-        h, w, t, a, r = _front_inputs(B, seed=B)
+        if layout == "packed":
+            h, w, t, a, r, kw = _packed(B, seed=B)
+        else:
+            (h, w, t, a, r), kw = _front_inputs(B, seed=B), {}
         with monkeypatch.context() as m:
             m.setattr("gift_fast.logprobs._must_not_sync", lambda hidden: True)
-            want_loss, want_metrics = fn(h, w, t, a, r)
+            want_loss, want_metrics = fn(h, w, t, a, r, **kw)
             want = torch.autograd.grad(want_loss, (h, w))
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             if i == 0:
-                compiled(h, w, t, a, r)
+                compiled(h, w, t, a, r, **kw)
             with count_host_syncs() as syncs:
-                loss, metrics = compiled(h, w, t, a, r)
+                loss, metrics = compiled(h, w, t, a, r, **kw)
                 got = torch.autograd.grad(loss, (h, w))
         assert sum(syncs.values()) == 0, dict(syncs)
         assert torch.equal(loss, want_loss)
