@@ -3,8 +3,9 @@ recompilation across batch sizes, no host sync, values and gradients equal to ea
 
 Compiled with the ``aot_eager`` backend: it runs dynamo and AOTAutograd, which decide graph
 breaks, recompilations and what runs in the graph, as inductor does, but skips inductor's C++
-code generation, which took ~50 s for a one-line function on this 2-core CPU (the custom ops are
-opaque to inductor anyway: their bodies are the same eager code on either backend).
+code generation, which took ~50 s for a one-line function on this 2-core CPU with a cold cache
+(the custom ops are opaque to inductor anyway: their bodies are the same eager code on either
+backend). One linear_logprobs case runs through inductor as well.
 """
 import math
 
@@ -92,12 +93,15 @@ def _grad_tolerances(hidden, weight, bias, c, d, temperature, softcap, return_en
     return tols
 
 
-@pytest.mark.parametrize("return_entropy,temperature,softcap,bias,backend",
-                         [c + ("torch",) for c in CASES] + [CASES[2] + ("triton",)])
-def test_linear_logprobs_fullgraph_dynamic(return_entropy, temperature, softcap, bias, backend):
+# One case also through inductor (7 s with a warm compile cache on a 2-core CPU, ~50 s cold).
+@pytest.mark.parametrize("return_entropy,temperature,softcap,bias,backend,compiler",
+                         [c + ("torch", "aot_eager") for c in CASES]
+                         + [CASES[2] + ("triton", "aot_eager"), CASES[2] + ("torch", "inductor")])
+def test_linear_logprobs_fullgraph_dynamic(return_entropy, temperature, softcap, bias, backend,
+                                           compiler):
     torch._dynamo.reset()
     step = _make_step(return_entropy, temperature, softcap, backend)
-    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=compiler)
     counters = torch._dynamo.utils.counters
     counters.clear()
     for i, B in enumerate((2, 3, 5)):
