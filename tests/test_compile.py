@@ -289,3 +289,25 @@ def test_loss_front_end_fullgraph_dynamic(name, layout, monkeypatch):
         for g, ref in zip(got, want):
             assert torch.equal(g, ref)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_value_checks_of_the_epilogues():
+    """Non-finite per-sequence advantages and bad cu_seqlens offsets: ValueError in eager, an
+    in-graph assert (RuntimeError) in the compiled graph, which passes valid input."""
+    h, w, t, a, r, kw = _packed(4, seed=4)
+    fn = FRONTS["grpo"]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled(h, w, t, a, r, **kw)
+    bad_r = r.clone()
+    bad_r[1] = float("nan")
+    with pytest.raises(ValueError, match="advantages: expected finite values"):
+        fn(h, w, t, a, bad_r, **kw)
+    with pytest.raises(RuntimeError, match="advantages: expected finite values"):
+        compiled(h, w, t, a, bad_r, **kw)
+    bad_cu = kw["cu_seqlens"].clone()
+    bad_cu[-1] += 1
+    with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing offsets"):
+        fn(h, w, t, a, r, cu_seqlens=bad_cu)
+    with pytest.raises(RuntimeError, match="cu_seqlens: expected non-decreasing offsets"):
+        compiled(h, w, t, a, r, cu_seqlens=bad_cu)
