@@ -62,7 +62,9 @@ def _check_float_tensor(name: str, t) -> None:
 
 def _check_number(name: str, value, lo: Optional[float] = None, hi: Optional[float] = None,
                   lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # A comparison, not math.isfinite, which dynamo cannot trace (False for NaN as well).
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and -math.inf < value < math.inf)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:

@@ -5,7 +5,7 @@ keeps memory flat in N and V.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -80,12 +80,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         active = t1 != ignore_index
         y = local_targets(t1, active)
         combiner = (None, 0, weight.shape[0])
-    args = (h2, weight, bias, y, active, which, float(temperature), softcap, return_entropy,
-            return_argmax, *combiner)
-    if grad_wanted(hidden, weight, bias):
-        logp, entropy, argmax = LinearLogprobs.apply(*args)
-    else:   # inference: nothing is saved for backward
-        logp, entropy, argmax, _ = _forward(*args)
+    logp, entropy, argmax, _ = linear_logprobs_fwd(
+        h2, weight, bias, y, active, which, float(temperature),
+        None if softcap is None else float(softcap), return_entropy, return_argmax, *combiner)
     return _outputs(lead, logp, entropy, argmax, return_entropy, return_argmax)
 
 
@@ -94,58 +91,123 @@ def grad_wanted(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _forward(hidden, weight, bias, local_targets, active, backend, temperature, softcap,
-             want_entropy, want_argmax, group_name, vocab_start, vocab_size):
-    """Per-row (logp, entropy or None, argmax or None, lse): the backend's statistics of this
-    weight, combined over the vocabulary shards when ``group_name`` names a group."""
+def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+# The op as two torch.library custom ops (forward and backward) tied by register_autograd: one
+# definition for eager mode, torch.compile (dynamo sees one opaque node, its fake implementation
+# gives the output shapes) and vocabulary parallelism (the process group travels by name).
+# Custom ops cannot return None: outputs that were not asked for are empty tensors.
+
+@torch.library.custom_op("gift_fast::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        local_targets: torch.Tensor, active: torch.Tensor, backend: str,
+                        temperature: float, softcap: Optional[float], want_entropy: bool,
+                        want_argmax: bool, group_name: Optional[str], vocab_start: int,
+                        vocab_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """Per-row (logp, entropy, argmax, lse) of flattened inputs: the backend's statistics of this
+    weight (``backend`` "torch" or "triton"), combined over the vocabulary shards when
+    ``group_name`` names a process group. ``entropy`` / ``argmax`` are empty unless asked for;
+    ``lse`` is the (global) log-sum-exp the backward needs."""
     st = get_backend(backend).stats(hidden, weight, bias, local_targets, temperature, softcap,
                                     want_entropy, want_argmax)
     if group_name is None:
-        return single_device(st, active)
-    from .distributed.vocab_parallel import combine
-    return combine(st, active, group_name, vocab_start, vocab_size)
+        logp, entropy, argmax, lse = single_device(st, active)
+    else:
+        from .distributed.vocab_parallel import combine
+        logp, entropy, argmax, lse = combine(st, active, group_name, vocab_start, vocab_size)
+    if entropy is None:
+        entropy = logp.new_empty(0)
+    if argmax is None:
+        argmax = local_targets.new_empty(0, dtype=torch.int64)
+    return logp, entropy, argmax, lse
 
 
-class LinearLogprobs(torch.autograd.Function):
-    """``linear_logprobs`` on flattened inputs, for one backend ("torch" or "triton") and one
-    combiner: identity (``group_name`` None) or the all-reduce over a vocabulary-parallel group.
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, local_targets, active, backend, temperature, softcap, want_entropy,
+      want_argmax, group_name, vocab_start, vocab_size):
+    n, acc = hidden.shape[0], _acc_dtype(hidden)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if want_entropy else 0, dtype=acc),
+            hidden.new_empty(n if want_argmax else 0, dtype=torch.int64),
+            hidden.new_empty(n, dtype=acc))
 
-    Saves the inputs and the (global) per-row lse and entropy; backward recomputes the logits of
-    this weight, and under vocabulary parallelism gives this shard's dW / db and the summed dX.
-    Every argument is a tensor or a plain scalar.
-    """
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, local_targets, active, backend, temperature, softcap,
-                want_entropy, want_argmax, group_name, vocab_start, vocab_size):
-        logp, entropy, argmax, lse = _forward(hidden, weight, bias, local_targets, active,
-                                              backend, temperature, softcap, want_entropy,
-                                              want_argmax, group_name, vocab_start, vocab_size)
-        ctx.save_for_backward(hidden, weight, bias, local_targets, active, lse, entropy)
-        ctx.cfg = (backend, temperature, softcap, group_name)
-        if argmax is None:
-            argmax = torch.zeros_like(local_targets, dtype=torch.int64)
-        ctx.mark_non_differentiable(argmax)
-        return logp, entropy if entropy is not None else torch.zeros_like(logp), argmax
+@torch.library.custom_op("gift_fast::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        local_targets: torch.Tensor, active: torch.Tensor, lse: torch.Tensor,
+                        entropy: Optional[torch.Tensor], d_logp: Optional[torch.Tensor],
+                        d_entropy: Optional[torch.Tensor], backend: str, temperature: float,
+                        softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
+                        group_name: Optional[str], compact: bool) -> Tuple[torch.Tensor,
+                                                                           torch.Tensor,
+                                                                           torch.Tensor]:
+    """(d_hidden, d_weight, d_bias) of ``linear_logprobs_fwd`` for upstream ``d_logp`` /
+    ``d_entropy`` (None: zero), empty where not needed. Under vocabulary parallelism d_weight /
+    d_bias are this shard's and d_hidden is summed over the group.
 
-    @staticmethod
-    def backward(ctx, d_logp, d_entropy, _d_argmax):
-        hidden, weight, bias, local_targets, active, lse, entropy = ctx.saved_tensors
-        backend, temperature, softcap, group_name = ctx.cfg
-        acc = lse.dtype
-        g = (torch.where(active, d_logp.to(acc), 0.0) if d_logp is not None
-             else torch.zeros_like(lse))
-        e = None
-        if entropy is not None and d_entropy is not None:
-            e = torch.where(active, d_entropy.to(acc), 0.0)
-        need_dx = ctx.needs_input_grad[0]
-        d_hidden, d_weight, d_bias = get_backend(backend).grad(
-            hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
-            need_dx, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        if need_dx and group_name is not None:
-            from .distributed.vocab_parallel import sum_over_group
-            d_hidden = sum_over_group(d_hidden, group_name)
-        return (d_hidden, d_weight, d_bias) + (None,) * 10
+    ``compact``: drop the rows with zero upstream gradient before any GEMM (one host sync to
+    count them); False runs every row through the backward, each dead row masked to an exact
+    zero contribution, with no host read (compiled graphs, CUDA graph capture)."""
+    acc = lse.dtype
+    g = (torch.where(active, d_logp.to(acc), 0.0) if d_logp is not None
+         else torch.zeros_like(lse))
+    e = None
+    if entropy is not None and d_entropy is not None:
+        e = torch.where(active, d_entropy.to(acc), 0.0)
+    d_hidden, d_weight, d_bias = get_backend(backend).grad(
+        hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
+        need_dx, need_dw, need_db, compact=compact)
+    if need_dx and group_name is not None:
+        from .distributed.vocab_parallel import sum_over_group
+        d_hidden = sum_over_group(d_hidden, group_name)
+    return (d_hidden.contiguous() if need_dx else hidden.new_empty(0),
+            d_weight.contiguous() if need_dw else weight.new_empty(0),
+            d_bias.contiguous() if need_db else weight.new_empty(0))
+
+
+@linear_logprobs_bwd.register_fake
+def _(hidden, weight, bias, local_targets, active, lse, entropy, d_logp, d_entropy, backend,
+      temperature, softcap, need_dx, need_dw, need_db, group_name, compact):
+    return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_dx
+            else hidden.new_empty(0),
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw
+            else weight.new_empty(0),
+            torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if need_db
+            else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, local_targets, active, backend, temperature, softcap, want_entropy,
+     _want_argmax, group_name, _vocab_start, _vocab_size) = inputs
+    _logp, entropy, _argmax, lse = output
+    ctx.save_for_backward(hidden, weight, bias, local_targets, active, lse,
+                          entropy if want_entropy else None)
+    ctx.cfg = (backend, temperature, softcap, group_name)
+
+
+def _must_not_sync(hidden: torch.Tensor) -> bool:
+    """Inside torch.compile or a CUDA graph capture a host read would break the graph (or fail
+    the capture): the backward then skips the row compaction."""
+    return torch.compiler.is_compiling() or (hidden.is_cuda
+                                             and torch.cuda.is_current_stream_capturing())
+
+
+def _backward(ctx, d_logp, d_entropy, _d_argmax, _d_lse):
+    hidden, weight, bias, local_targets, active, lse, entropy = ctx.saved_tensors
+    backend, temperature, softcap, group_name = ctx.cfg
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_db = bias is not None and ctx.needs_input_grad[2]
+    d_hidden, d_weight, d_bias = linear_logprobs_bwd(
+        hidden, weight, bias, local_targets, active, lse, entropy, d_logp,
+        d_entropy if entropy is not None else None, backend, temperature, softcap, need_dx,
+        need_dw, need_db, group_name, not _must_not_sync(hidden))
+    return ((d_hidden if need_dx else None, d_weight if need_dw else None,
+             d_bias if need_db else None) + (None,) * 10)
+
+
+linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _outputs(lead, logp, entropy, argmax, return_entropy: bool, return_argmax: bool):

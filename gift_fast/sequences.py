@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .validation import _capturing
+from .validation import _assert_in_graph, _capturing
 
 STD_CHOICES = ("unbiased", "biased")
 
@@ -83,7 +83,11 @@ def make_layout(values: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
     n = values.shape[0]
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    if not _capturing(cu):
+    if torch.compiler.is_compiling():
+        ok = (cu[0] == 0) & (cu[-1] == n) & ~(lengths < 0).any()
+        # (no {n} in the message: formatting a symbolic size would specialize it)
+        _assert_in_graph(ok, "cu_seqlens: expected non-decreasing offsets from 0 to N")
+    elif not _capturing(cu):
         if int(cu[0]) != 0 or int(cu[-1]) != n or bool((lengths < 0).any()):
             raise ValueError(
                 f"cu_seqlens: expected non-decreasing offsets from 0 to N = {n}, got {cu.tolist()[:8]}"

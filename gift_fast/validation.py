@@ -41,13 +41,25 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
 
 
 def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    # A comparison, not math.isfinite, which dynamo cannot trace (False for NaN as well).
+    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if not _capturing(t) and not bool(torch.isfinite(t).all()):
+    if torch.compiler.is_compiling():
+        _assert_in_graph(torch.isfinite(t).all(),
+                         f"{name}: expected finite values, found NaN or inf")
+    elif not _capturing(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
+
+
+def _assert_in_graph(ok: torch.Tensor, message: str) -> None:
+    """The compiled form of a value check: a bool() would break the graph (and sync), so the
+    check becomes ``torch._assert_async``, an op in the graph. It raises RuntimeError (not the
+    eager ValueError) with ``message``: on CPU when it runs, on CUDA as a device-side assert
+    (asynchronous, and fatal to the CUDA context)."""
+    torch._assert_async(ok, message)
 
 
 LOGPROB_DTYPES = (torch.float32, torch.float64)
@@ -118,8 +130,14 @@ def check_not_dtensor(name: str, t, context: str = "") -> None:
 
 
 def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Every target is ``ignore_index`` or in [0, vocab_size) (one host sync, skipped in capture)."""
-    if targets.numel() and not _capturing(targets):
+    """Every target is ``ignore_index`` or in [0, vocab_size) (one host sync, skipped in capture;
+    a graph-side assert under torch.compile)."""
+    if torch.compiler.is_compiling():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+        # The size is not formatted into the message: that would specialize a symbolic V.
+        _assert_in_graph(~bad.any(), f"targets: expected values in [0, V) (the vocabulary) or "
+                                     f"ignore_index={ignore_index}")
+    elif targets.numel() and not _capturing(targets):
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
         if bool(bad.any()):
             first = int(targets[bad][0])

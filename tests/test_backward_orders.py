@@ -14,6 +14,8 @@ from gift_fast.backends.triton_op import (BackwardPlan, backward_block_cols, bac
 from gift_fast.kernels import dlogits, dot_precision
 from helpers import assert_within, backend_rounding_bounds, linear_softmax_rounding_bounds
 
+from helpers import dispatch_into_custom_ops
+
 # (N, H, V, bias, temperature, softcap, ignored fraction, entropy gradient)
 CASES = {
     "ragged": (21, 24, 67, False, 1.0, None, 0.0, False),
@@ -229,14 +231,15 @@ def test_memory_goal_of_the_chosen_plan():
 
 
 class _Float32Spy(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the element counts of the float32 tensors any aten op produces."""
+    """Records the element counts of the float32 tensors any aten op produces (inside the
+    library's custom ops too)."""
 
     def __init__(self):
         super().__init__()
         self.sizes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = dispatch_into_custom_ops(self, func, args, kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
                 self.sizes.append(t.numel())

@@ -56,11 +56,14 @@ class Backend(Protocol):
     def grad(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              local_targets: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
              g: torch.Tensor, e: Optional[torch.Tensor], temperature: float,
-             softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool) -> Grads:
+             softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
+             compact: bool = True) -> Grads:
         """Gradients of ``sum_n g_n logp_n + e_n H_n`` w.r.t. hidden, weight and bias, where the
         row's probabilities are ``exp(z - lse)`` with the given ``lse`` (and ``entropy``, needed
         when ``e`` is given): global statistics over every shard give this shard's part (its dW
-        and db, and its share of dX, to be summed over shards)."""
+        and db, and its share of dX, to be summed over shards). ``compact``: rows with g = e = 0
+        are dropped before any GEMM (a host sync counts them); False processes every row with
+        no host read, a dead row contributing exactly 0 (compiled graphs, CUDA graph capture)."""
 
 
 _MODULES = {"torch": "gift_fast.backends.torch_chunked", "triton": "gift_fast.backends.triton_op"}

@@ -207,7 +207,7 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
                      g: Optional[torch.Tensor], e: Optional[torch.Tensor], temperature: float,
                      softcap: Optional[float], ignore_index: Optional[int] = None, *,
                      need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
-                     chunk_elements: Optional[int] = None):
+                     chunk_elements: Optional[int] = None, compact: bool = True):
     """Gradients of ``sum_n g_n * logp_n + e_n * H_n`` with respect to hidden, weight and bias.
 
     ``lse`` [N] and ``entropy`` [N] define the distribution each row's probabilities are taken
@@ -220,7 +220,9 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
     Returns ``(d_hidden, d_weight, d_bias)`` in the dtypes of hidden / weight / bias (None where
     not needed or bias is None); accumulation is in float32 (float64 for float64 inputs).
-    Rows whose ``g`` and ``e`` are both zero are skipped (one host sync selects the live rows).
+    Rows whose ``g`` and ``e`` are both zero are skipped (one host sync selects the live rows);
+    ``compact=False`` runs every row instead, with no host read, and zeroes each dead row's
+    dlogits (exactly 0 even where its hidden state or lse is not finite): no saving then.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -232,7 +234,7 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     live = g != 0 if e is None else (g != 0) | (e != 0)
     if ignore_index is not None:
         live &= targets != ignore_index
-    rows_idx = torch.nonzero(live).squeeze(1)
+    rows_idx = torch.nonzero(live).squeeze(1) if compact else None
     in_vocab, safe_t = _local_targets(targets, ignore_index, vocab)
 
     d_hidden = torch.zeros_like(hidden) if need_hidden else None
@@ -240,14 +242,18 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     d_weight = torch.zeros(weight.shape, dtype=acc, device=dev) if need_weight else None
     d_bias = (torch.zeros(vocab, dtype=acc, device=dev)
               if (bias is not None and need_bias) else None)
-    n_live = rows_idx.numel()
+    n_live = rows_idx.numel() if compact else n
     rows, cols = tile_shape(max(1, n_live), vocab, chunk_elements)
     tiles = _Tiles(1 + (e is not None) + (softcap is not None), rows, cols, acc, dev)
     inv_t = 1.0 / temperature
     for r0 in range(0, n_live, rows):
-        idx = rows_idx[r0:r0 + rows]
-        c = idx.numel()
+        idx = rows_idx[r0:r0 + rows] if compact else slice(r0, min(n, r0 + rows))
+        c = idx.numel() if compact else idx.stop - r0
         x = hidden[idx].to(acc)
+        dead = None
+        if not compact:     # dead rows: zero inputs and zero dlogits, so they add exactly 0
+            dead = ~live[idx][:, None]
+            x = x.masked_fill(dead, 0.0)
         # 1/T of the chain rule folded into the per-row coefficients.
         g_c = g[idx] * inv_t
         lse_c = lse[idx].to(acc)[:, None]
@@ -278,6 +284,8 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
                            torch.where(here, onehot_g, torch.zeros_like(onehot_g))[:, None])
             if softcap is not None:
                 z.mul_(fac)
+            if dead is not None:
+                z.masked_fill_(dead, 0.0)
             w_t = weight[v0:v1]
             if need_hidden:
                 dx.addmm_(z, w_t if w_t.dtype == acc else w_t.to(acc))
@@ -303,8 +311,8 @@ def stats(hidden, weight, bias, local_targets, temperature, softcap, want_entrop
 
 
 def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
-         need_dx, need_dw, need_db) -> Grads:
+         need_dx, need_dw, need_db, compact: bool = True) -> Grads:
     """The protocol's gradients (:mod:`.protocol`)."""
     return Grads(*chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
                                    temperature, softcap, need_hidden=need_dx,
-                                   need_weight=need_dw, need_bias=need_db))
+                                   need_weight=need_dw, need_bias=need_db, compact=compact))

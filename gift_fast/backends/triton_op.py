@@ -23,6 +23,7 @@ dlogits buffer is bounded by ``BACKWARD_CHUNK_BYTES`` in either order, never [N,
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -203,21 +204,46 @@ def _vocab_outer(x, weight, bias, y, g, e, lse, ent, temperature, softcap, preci
             db_out[v0:v1] = d.sum(0, dtype=torch.float32)
 
 
+def _dead_rows_as_zero_rows(hidden, bias, vocab, lse, entropy, live, temperature, softcap):
+    """Without compaction every row goes through the kernels; a dead row (g = e = 0) adds
+    exactly 0 only if its dlogits are finite, so it is replaced by a zero hidden state with that
+    state's exact lse (whatever its own values were, NaN included). Costs one [N, H] copy, as the
+    compaction's copy of the live rows does."""
+    hidden = torch.where(live[:, None], hidden, 0.0)
+    if bias is None:                          # V logits equal to 0
+        lse0 = torch.full((), math.log(vocab), dtype=lse.dtype, device=lse.device)
+    else:
+        zb = bias.float()
+        if softcap is not None:
+            zb = torch.tanh(zb / softcap) * softcap
+        lse0 = torch.logsumexp(zb / temperature, 0)
+    lse = torch.where(live, lse, lse0)
+    entropy = None if entropy is None else torch.where(live, entropy, 0.0)
+    return hidden, lse, entropy
+
+
 def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
-         need_dx: bool, need_dw: bool, need_db: bool, order: str | None = None) -> Grads:
+         need_dx: bool, need_dw: bool, need_db: bool, order: str | None = None,
+         compact: bool = True) -> Grads:
     """The protocol's gradients (:mod:`.protocol`): of sum_n g_n logp_n + e_n H_n w.r.t. hidden,
     weight, bias (None where not needed).
 
     ``g``/``e`` are float32 per-row upstream gradients, already 0 at inactive rows; ``e`` may be
     None. Rows with g = e = 0 cost nothing: they are dropped before any GEMM (one host sync).
-    ``order`` overrides ``BACKWARD_ORDER`` ("auto", "rows" or "vocab").
+    ``order`` overrides ``BACKWARD_ORDER`` ("auto", "rows" or "vocab"). ``compact=False`` runs
+    every row instead, with no host read (see :func:`_dead_rows_as_zero_rows`).
     """
     y = local_targets
     live = g != 0 if e is None else (g != 0) | (e != 0)
-    rows = torch.nonzero(live).squeeze(1)
     N, H = hidden.shape
     V = weight.shape[0]
-    n_live = rows.numel()
+    if compact:
+        rows = torch.nonzero(live).squeeze(1)
+        n_live = rows.numel()
+    else:
+        rows, n_live = None, N
+        hidden, lse, entropy = _dead_rows_as_zero_rows(hidden, bias, V, lse, entropy, live,
+                                                       temperature, softcap)
     dtype, dev = hidden.dtype, hidden.device
     if n_live == 0 or not (need_dx or need_dw or need_db):
         return Grads(torch.zeros_like(hidden) if need_dx else None,

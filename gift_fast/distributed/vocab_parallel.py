@@ -17,8 +17,9 @@ masses, written relative to M so that nothing large cancels).
 
 Backward: each rank computes dlogits of its own columns from the GLOBAL lse and entropy (the
 backend's ``grad``), gives dW (and db) of its shard only, and dX is all-reduced (sum,
-:func:`sum_over_group`). The autograd Function is the single-device one
-(:class:`gift_fast.logprobs.LinearLogprobs`) with these two functions as its combiner.
+:func:`sum_over_group`). The op is the single-device one (the custom ops
+``gift_fast::linear_logprobs_fwd`` / ``_bwd`` of :mod:`gift_fast.logprobs`) with these two
+functions as its combiner.
 No [N, V] tensor exists anywhere; communication is O(N) in the forward and O(N H) in the backward.
 
 Only ``torch.distributed`` collectives on the given group are used: gloo on CPU (tested), NCCL on
