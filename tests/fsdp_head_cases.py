@@ -16,10 +16,11 @@ import copy
 import json
 import traceback
 import warnings
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from helpers import finish_rank, init_gloo
 
 SHARES = [2, 4]          # sequences per rank (2 ranks): uneven, GIFT groups span both ranks
 B, T, V = 6, 9, 97
@@ -275,12 +276,11 @@ CASES = {"patch_model": case_patch_model, "fused_loss_model": case_fused_loss_mo
          "trl": case_trl, "errors": case_errors}
 
 
-def run(rank: int, world: int, port: int, out_path: str, cases) -> None:
+def run(rank: int, world: int, init_method: str, out_path: str, cases) -> None:
     """Entry point of one rank (torch.multiprocessing.start_processes)."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")   # FSDP2 and transformers notices, not results
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=180))
+    init_gloo(rank, world, 180, init_method=init_method)
     rep = Report()
     errors = {}
     try:
@@ -295,5 +295,7 @@ def run(rank: int, world: int, port: int, out_path: str, cases) -> None:
             with open(out, "w") as f:
                 json.dump({"diffs": rep.diffs, "scales": rep.scales, "flags": rep.flags,
                            "errors": errors}, f, indent=1)
-    finally:
+    except BaseException:       # the traceback goes to the parent; the group goes first
         dist.destroy_process_group()
+        raise
+    finish_rank()

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 HAS_TRL = importlib.util.find_spec("trl") is not None   # without it, the other cases still run
 
 import fsdp_head_cases  # noqa: E402
-from helpers import free_port, spawn_and_wait  # noqa: E402
+from helpers import rendezvous, spawn_and_wait  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -28,7 +28,7 @@ WORLD = 2
 def test_fsdp2_lm_head_layouts_equal_unwrapped_model(tmp_path):
     out = str(tmp_path / "fsdp_head.json")
     cases = [c for c in fsdp_head_cases.CASES if HAS_TRL or c != "trl"]
-    spawn_and_wait(fsdp_head_cases.run, (WORLD, free_port(), out, cases),
+    spawn_and_wait(fsdp_head_cases.run, (WORLD, rendezvous(tmp_path), out, cases),
                    WORLD, SPAWN_TIMEOUT_S, "fsdp2 lm_head layouts")
     with open(out) as f:
         report = json.load(f)
