@@ -430,7 +430,7 @@ class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
         name = func.overloadpacket.__name__.rstrip("_")      # in-place variants alike
         u, e = self.u, self._e
         y = out if isinstance(out, torch.Tensor) else out[0]
-        ay = y.detach().abs().double() if isinstance(y, torch.Tensor) else None
+        ay = y.detach().double().abs() if isinstance(y, torch.Tensor) else None
         a = args[0] if args else None
         b = args[1] if len(args) > 1 else None
         if name in ("add", "sub", "rsub"):
@@ -452,7 +452,7 @@ class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
             red = (lambda t: t.sum(dims, keepdim=keep)) if name != "mean" else \
                 (lambda t: t.mean(dims, keepdim=keep))
             return red(e(a).expand(a.shape)) + gamma(max(n - 1, 0) + (name == "mean"), u) * \
-                red(a.detach().abs().double())
+                red(a.detach().double().abs())
         if name in ("index_add", "scatter_add"):
             if name == "index_add":
                 dim, index, src = args[1], args[2], args[3]
@@ -464,7 +464,7 @@ class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
                 f = lambda s, t: s.scatter_add(dim, index, t)
             n = src.numel()
             prop = f(e(a).expand(a.shape).clone(), e(src).expand(src.shape))
-            return prop + gamma(n, u) * f(a.detach().abs().double(), src.detach().abs().double())
+            return prop + gamma(n, u) * f(a.detach().double().abs(), src.detach().double().abs())
         if name == "scatter_reduce":
             dim, index, src, reduce = args[1], args[2], args[3], args[4]
             if reduce not in ("amax", "amin"):
@@ -473,7 +473,7 @@ class ErrorBounds(torch.utils._python_dispatch.TorchDispatchMode):
                         "amax", **{k: v for k, v in kwargs.items() if k == "include_self"})
         if name in ("mm", "matmul", "bmm", "mv", "dot"):
             k = a.shape[-1]
-            aa, ab = a.detach().abs().double(), b.detach().abs().double()
+            aa, ab = a.detach().double().abs(), b.detach().double().abs()
             return (func(e(a).expand(a.shape), ab) + func(aa, e(b).expand(b.shape))
                     + gamma(k, u) * func(aa, ab))
         if name == "where":
