@@ -12,7 +12,8 @@ import torch
 from .backends import resolve_backend
 from .backends.protocol import get_backend, local_targets, single_device
 from .backends.reference import reference_linear_logprobs
-from .validation import check_linear_inputs, check_target_range
+from .backends.torch_chunked import accumulation_dtype
+from .validation import _capturing, check_linear_inputs, check_target_range
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -91,10 +92,6 @@ def grad_wanted(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
 # The op as two torch.library custom ops (forward and backward) tied by register_autograd: one
 # definition for eager mode, torch.compile (dynamo sees one opaque node, its fake implementation
 # gives the output shapes) and vocabulary parallelism (the process group travels by name).
@@ -128,7 +125,7 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 @linear_logprobs_fwd.register_fake
 def _(hidden, weight, bias, local_targets, active, backend, temperature, softcap, want_entropy,
       want_argmax, group_name, vocab_start, vocab_size):
-    n, acc = hidden.shape[0], _acc_dtype(hidden)
+    n, acc = hidden.shape[0], accumulation_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if want_entropy else 0, dtype=acc),
             hidden.new_empty(n if want_argmax else 0, dtype=torch.int64),
             hidden.new_empty(n, dtype=acc))
@@ -190,8 +187,7 @@ def _setup_context(ctx, inputs, output):
 def _must_not_sync(hidden: torch.Tensor) -> bool:
     """Inside torch.compile or a CUDA graph capture a host read would break the graph (or fail
     the capture): the backward then skips the row compaction."""
-    return torch.compiler.is_compiling() or (hidden.is_cuda
-                                             and torch.cuda.is_current_stream_capturing())
+    return torch.compiler.is_compiling() or _capturing(hidden)
 
 
 def _backward(ctx, d_logp, d_entropy, _d_argmax, _d_lse):

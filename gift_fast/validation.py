@@ -132,17 +132,18 @@ def check_not_dtensor(name: str, t, context: str = "") -> None:
 def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Every target is ``ignore_index`` or in [0, vocab_size) (one host sync, skipped in capture;
     a graph-side assert under torch.compile)."""
-    if torch.compiler.is_compiling():
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    compiling = torch.compiler.is_compiling()
+    if not compiling and (not targets.numel() or _capturing(targets)):
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if compiling:
         # The size is not formatted into the message: that would specialize a symbolic V.
         _assert_in_graph(~bad.any(), f"targets: expected values in [0, V) (the vocabulary) or "
                                      f"ignore_index={ignore_index}")
-    elif targets.numel() and not _capturing(targets):
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-        if bool(bad.any()):
-            first = int(targets[bad][0])
-            raise ValueError(f"targets: expected values in [0, {vocab_size}) or "
-                             f"ignore_index={ignore_index}, found {first}")
+    elif bool(bad.any()):
+        first = int(targets[bad][0])
+        raise ValueError(f"targets: expected values in [0, {vocab_size}) or "
+                         f"ignore_index={ignore_index}, found {first}")
 
 
 def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
