@@ -35,12 +35,16 @@ SPAWN_TIMEOUT_S = 600   # a hang guard on a loaded machine, not a speed check
 TOL, GRAD_TOL, PARAM_TOL = 2e-5, 1e-4, 1e-3
 
 
+def _two_ranks(case, tmp_path, what: str):
+    """Runs ``case`` on 2 spawned ranks; returns the JSON each rank wrote."""
+    out = str(tmp_path / "report")
+    spawn_and_wait(case, (2, rendezvous(tmp_path), out, str(tmp_path)), 2, SPAWN_TIMEOUT_S, what)
+    return [json.load(open(f"{out}.rank{r}")) for r in range(2)]
+
+
 @needs_gloo
 def test_two_ranks_learn_like_one_process_on_the_union_of_their_prompts(tmp_path):
-    out = str(tmp_path / "report")
-    spawn_and_wait(train_dp_cases.run, (2, rendezvous(tmp_path), out, str(tmp_path)), 2,
-                   SPAWN_TIMEOUT_S, "train data-parallel")
-    reports = [json.load(open(f"{out}.rank{r}")) for r in range(2)]
+    reports = _two_ranks(train_dp_cases.run, tmp_path, "train data-parallel")
     errors = {f"{k} (rank {r})": v for r, rep in enumerate(reports) for k, v in rep["errors"].items()}
     assert not errors, "\n".join(f"{k}:\n{v}" for k, v in errors.items())
     report = reports[0]["report"]
@@ -62,10 +66,8 @@ def test_two_ranks_learn_like_one_process_on_the_union_of_their_prompts(tmp_path
 
 @needs_gloo
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
-    out = str(tmp_path / "report")
-    spawn_and_wait(train_dp_cases.run_non_finite, (2, rendezvous(tmp_path), out, str(tmp_path)), 2,
-                   SPAWN_TIMEOUT_S, "train data-parallel, NaN on rank 1")
-    outcomes = [json.load(open(f"{out}.rank{r}")) for r in range(2)]
+    outcomes = _two_ranks(train_dp_cases.run_non_finite, tmp_path,
+                          "train data-parallel, NaN on rank 1")
     step = train_dp_cases.NAN_STEP
     for rank, o in enumerate(outcomes):
         assert o["error"] and o["error"].startswith(
