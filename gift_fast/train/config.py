@@ -49,6 +49,7 @@ class TrainConfig:
     memory_report: Optional[bool] = None  # default: on for the qwen2 preset
     device: str = "auto"
     threads: Optional[int] = None
+    compile: bool = False               # torch.compile the training step (model + fused loss)
     progress: bool = True
     plot: bool = True
 

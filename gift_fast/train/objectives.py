@@ -20,16 +20,24 @@ LOSSES = ON_POLICY + SUPERVISED
 NEEDS_GROUPS = ("gift", "grpo", "dpo", "rpo")
 
 
-def _as_floats(metrics) -> Dict[str, float]:
+def _scalars(metrics) -> Dict[str, object]:
+    """The loss's scalar metrics, tensors left on the device: reading them is a host sync, done
+    once per update by the trainer (metrics_to_floats), outside a compiled step."""
     out = {}
     for k, v in (metrics or {}).items():
         if isinstance(v, torch.Tensor):
-            if v.numel() != 1:
-                continue
-            v = v.item()
-        if isinstance(v, (int, float)):
+            if v.numel() == 1:
+                out[k] = v.detach().reshape(())
+        elif isinstance(v, (int, float)):
             out[k] = float(v)
     return out
+
+
+def metrics_to_floats(metrics: Dict[str, object]) -> Dict[str, float]:
+    """``_scalars``'s output as Python floats, with one host sync for all the tensors."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].double() for k in keys]).tolist() if keys else []
+    return {**metrics, **dict(zip(keys, values))}
 
 
 def sft_nll(hidden, weight, targets, temperature: float, backend: str = "auto"):
@@ -102,7 +110,7 @@ def loss_from_hidden(name: str, hidden, weight, batch: Batch, cfg, backend: str 
         loss, m = gift_fast.dft_loss(hidden, weight, t, **common)
     else:
         raise ValueError(f"loss: expected one of {list(LOSSES)}, got {name!r}")
-    return loss, _as_floats(m)
+    return loss, _scalars(m)
 
 
 def _ift(model, batch: Batch, cfg, weight, compute_dtype):
@@ -124,4 +132,4 @@ def _ift(model, batch: Batch, cfg, weight, compute_dtype):
     hidden = response_hidden(model, batch, compute_dtype, inputs_embeds=embeds)
     loss, m = gift_fast.ift_loss(hidden, weight, batch.targets, temperature=cfg.temperature,
                                  ignore_index=IGNORE_INDEX)
-    return loss, _as_floats(m)
+    return loss, _scalars(m)

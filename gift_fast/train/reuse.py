@@ -15,7 +15,7 @@ from .run_dir import RunDir, checkpoint_path
 
 # Settings a resumed run may change: how long it runs and how it reports, not what it computes.
 RESUME_MAY_CHANGE = ("rl_steps", "eval_every", "eval_samples", "save_every", "memory_report",
-                     "device", "threads", "progress", "plot", "overwrite")
+                     "device", "threads", "compile", "progress", "plot", "overwrite")
 # Settings that define a warm start: an RL run can only start from an SFT run that used them.
 WARM_START_KEYS = ("model", "vocab", "seed", "sft_steps", "sft_batch", "sft_lr", "weight_decay",
                    "n_heldout")

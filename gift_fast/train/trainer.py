@@ -22,7 +22,7 @@ from . import distributed as dp
 from .evaluation import evaluate, summarise
 from .metrics import MetricsLog, peak_memory_mib
 from .model import build_model
-from .objectives import SUPERVISED
+from .objectives import SUPERVISED, metrics_to_floats
 from .reuse import check_warm_start, resumed_config
 from .rollout import Batch, generate, gold_batch, policy_logprobs, response_targets
 from .run_dir import RunDir, checkpoint_path, new_run_path
@@ -70,6 +70,19 @@ def resolve_device(name: str) -> torch.device:
 SFT_PROBE_PROBLEMS, SFT_PROBE_EVERY, SFT_PROBE_EVERY_NEAR = 256, 10, 2
 
 
+# torch.compile's default; the tests compile with "aot_eager" (dynamo and AOTAutograd decide the
+# graphs and breaks as for inductor, without inductor's C++ code generation).
+COMPILE_BACKEND = "inductor"
+
+
+def compile_step(root: torch.nn.Module) -> torch.nn.Module:
+    """``--compile``: the training step's forward (the model body and the fused loss head, and
+    under DDP the DDP wrapper, whose graphs torch splits at its gradient buckets) compiled with
+    torch.compile. Shapes change between SFT, RL and mini-batches of different sizes: dynamo marks
+    a dimension dynamic the second time it changes, instead of compiling once per shape."""
+    return torch.compile(root, backend=COMPILE_BACKEND)
+
+
 def make_optimizer(model, lr: float, cfg: TrainConfig):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
 
@@ -109,6 +122,8 @@ class Trainer:
         # Same initial weights everywhere; then each rank its own prompt and sampling streams.
         self.data_rng = dp.seed_rank_streams(cfg.seed, parallel)
         self.loss_root = dp.wrap(self.model, parallel, self.device)
+        if cfg.compile:
+            self.loss_root = compile_step(self.loss_root)
         self.ref_model = None
         self.step = 0
         self.saved_step: Optional[int] = None   # the step of the last checkpoint this run wrote
@@ -243,7 +258,6 @@ class Trainer:
                     self.loss_root, loss_name, part, self.cfg, self.compute_dtype, self.parallel)
                 if to_backward is None:
                     continue
-                metrics = part_metrics or metrics
                 to_backward.backward()
                 # One host sync per update (the loss and the gradient norm are logged anyway):
                 # a non-finite loss or gradient stops the run here, before the optimiser step,
@@ -267,6 +281,7 @@ class Trainer:
                              f"{passes * len(parts)}")
                     raise self._non_finite(whole_loss, norm, where)
                 self.optimizer.step()
+                metrics = metrics_to_floats(part_metrics) if part_metrics else metrics
                 losses.append(loss_value)
                 norms.append(norm)
         # grad_norm is the norm before clipping; grad_norm_clipped is the norm of the step taken.
