@@ -209,10 +209,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if losses or seeds:
+            from .train.run_dir import StudyDir
             from .train.study import run_study
             study = run_study(cfg, losses or [cfg.loss], seeds or [cfg.seed])
             print(study.table)
-            print(f"table: {os.path.join(study.out_dir, 'compare.md')}")
+            print(f"table: {StudyDir(study.out_dir).file(StudyDir.TABLE)}")
             print(f"runs:  {study.out_dir}")
             if study.plot_path:
                 print(f"plot:  {study.plot_path}")

@@ -572,3 +572,31 @@ def test_cli_compile_flag_sets_the_config():
     from gift_fast.cli import build_parser, config_from_args
     parse = lambda *argv: config_from_args(build_parser().parse_args(["train", *argv]))
     assert parse("--compile").compile is True and parse().compile is False
+
+
+def test_run_directory_file_names_are_spelled_only_in_run_dir():
+    """One owner of the run-directory layout: no string in gift_fast's code (docstrings aside)
+    names a file of a run or study directory except in gift_fast/train/run_dir.py."""
+    import ast
+    import pathlib
+    from gift_fast.train.run_dir import RunDir, StudyDir
+    names = [RunDir.METRICS, RunDir.SUMMARY, RunDir.CONFIG, RunDir.TOKENIZER, RunDir.CURVES,
+             RunDir.MEMORY, RunDir.CHECKPOINT, StudyDir.TABLE, StudyDir.NUMBERS, StudyDir.PLOT,
+             "warmstart-s"]
+    package = pathlib.Path(__file__).resolve().parent.parent / "gift_fast"
+    found = []
+    for path in package.rglob("*.py"):
+        if path.name == "run_dir.py" and path.parent.name == "train":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                           ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docstrings:
+                found += [f"{path.relative_to(package.parent)}:{node.lineno}: {name}"
+                          for name in names if name in node.value]
+    assert not found, found

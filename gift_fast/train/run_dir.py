@@ -43,10 +43,30 @@ def new_run_path(name: Optional[str], loss: str) -> str:
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """One run's directory and the names of the files a run writes there."""
-
+class _Directory:
     path: str
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def write_json(self, name: str, obj) -> str:
+        path = self.file(name)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        return path
+
+    def read_json(self, name: str) -> Optional[dict]:
+        """The file's JSON, or None when it is missing or unreadable (an unfinished run)."""
+        try:
+            with open(self.file(name), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class RunDir(_Directory):
+    """One run's directory and the names of the files a run writes there."""
 
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
@@ -57,9 +77,6 @@ class RunDir:
     CHECKPOINT = CHECKPOINT_NAME
     # Files whose presence means the directory holds a run (a new run must not replace it).
     RUN_FILES = (METRICS, SUMMARY, CHECKPOINT)
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
 
     @property
     def metrics(self) -> str:
@@ -80,26 +97,10 @@ class RunDir:
                              "choose another --out-dir, continue that run with --resume, or pass "
                              "--overwrite (TrainConfig(overwrite=True)) to replace it")
 
-    def write_json(self, name: str, obj) -> str:
-        path = self.file(name)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        return path
-
-    def read_json(self, name: str) -> Optional[dict]:
-        """The file's JSON, or None when it is missing or unreadable (an unfinished run)."""
-        try:
-            with open(self.file(name), encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
 
 @dataclass(frozen=True)
-class StudyDir:
+class StudyDir(_Directory):
     """A ``--compare`` / ``--seeds`` study: a warm start per seed and a run per (loss, seed)."""
-
-    path: str
 
     TABLE = "compare.md"
     NUMBERS = "compare.json"
@@ -110,6 +111,3 @@ class StudyDir:
 
     def run(self, loss: str, seed: int) -> RunDir:
         return RunDir(os.path.join(self.path, f"{loss}-s{seed}"))
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)

@@ -265,7 +265,7 @@ def run_study(cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int]) -> 
     table = summary_table(per_run) + "\n\nPer run:\n\n" + per_run_table(per_run)
     aggregate = {loss: {str(seed): s for seed, s in seeds_.items()}
                  for loss, seeds_ in per_run.items()}
-    RunDir(study.path).write_json(StudyDir.NUMBERS, aggregate)
+    study.write_json(StudyDir.NUMBERS, aggregate)
     with open(study.file(StudyDir.TABLE), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plot = None
