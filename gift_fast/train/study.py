@@ -26,7 +26,7 @@ KL_SAMPLES_PER_PROMPT = 4
 @dataclass
 class StudyResult:
     out_dir: str
-    runs: Dict[str, Dict[int, "object"]]          # loss -> seed -> TrainResult
+    runs: Dict[str, Dict[int, TrainResult]]       # loss -> seed
     table: str                                    # markdown
     summary: Dict = field(default_factory=dict)   # loss -> aggregated numbers
     plot_path: Optional[str] = None
@@ -241,7 +241,7 @@ def run_study(cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int]) -> 
     ``<out>/<loss>-s<seed>``; then ``compare.md`` (table), ``compare.json`` and ``compare.png``."""
     study = StudyDir(study_dir(cfg, losses))
     os.makedirs(study.path, exist_ok=True)
-    runs: Dict[str, Dict[int, object]] = {loss: {} for loss in losses}
+    runs: Dict[str, Dict[int, TrainResult]] = {loss: {} for loss in losses}
     per_run: Dict[str, Dict[int, Dict]] = {loss: {} for loss in losses}
     for seed in seeds:
         seed_cfg = cfg.replace(seed=seed, resume=None, name=None)
