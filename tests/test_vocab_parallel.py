@@ -185,7 +185,7 @@ def _loss_cases(group, sizes, rank, backend):
         "gift_diffstats": lambda h, w, b, **k: gf.gift_loss(
             h, w, targets, anchor, rewards, group_size=2, bias=b, detach_stats=False,
             length_norm=1.0, **k),
-        "grpo": lambda h, w, b, **k: gf.grpo_loss(h, w, targets, anchor, adv, ref_logps=anchor * 1.1,
+        "grpo": lambda h, w, b, **k: gf.grpo_loss(h, w, targets, anchor, adv, kl_ref_logps=anchor * 1.1,
                                                   beta=0.04, bias=b, **k),
         "dpo": lambda h, w, b, **k: gf.dpo_loss(h, w, targets, anchor, bias=b, **k),
         "ipo": lambda h, w, b, **k: gf.ipo_loss(h, w, targets, anchor, bias=b, **k),
