@@ -354,3 +354,21 @@ class FusedLossModule(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+
+
+class TokensLossModule(FusedLossModule):
+    """A module whose loss needs only the targets (SimPO, DFT, IFT)."""
+
+    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
+        return self._loss(hidden, lm_head, targets, bias=bias, **call_options)
+
+
+class AnchoredLossModule(FusedLossModule):
+    """A module whose loss takes optional anchor log-probs after the targets (DPO, IPO, UNA,
+    f-divergence SFT)."""
+
+    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor,
+                anchor_logps: Optional[torch.Tensor] = None, *,
+                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
+        return self._loss(hidden, lm_head, targets, anchor_logps, bias=bias, **call_options)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from ..sequences import nonfinite_rows, pair_split
 from ..validation import check_choice
-from .common import (REDUCTIONS, FusedLossModule, Head, LossResult, LossSpec, Metrics,
-                     check_length_norm, check_number, composed, detached, mean_of, prepare,
-                     reduce, renamed, seq_logratios)
+from .common import (REDUCTIONS, AnchoredLossModule, Head, LossResult, LossSpec, Metrics,
+                     TokensLossModule, check_length_norm, check_number, composed, detached,
+                     mean_of, prepare, reduce, renamed, seq_logratios)
 
 __all__ = ["dpo_loss", "ipo_loss", "simpo_loss", "dpo_loss_from_logps", "ipo_loss_from_logps",
            "simpo_loss_from_logps", "DPOLoss", "IPOLoss", "SimPOLoss", "preference_metrics"]
@@ -81,15 +81,10 @@ def dpo_loss(hidden, weight, targets, anchor_logps=None, *, beta=0.1, label_smoo
         label_smoothing=label_smoothing, length_norm=length_norm, reduction=reduction))
 
 
-class DPOLoss(FusedLossModule):
+class DPOLoss(AnchoredLossModule):
     """DPO as a module; options as :func:`dpo_loss`."""
 
     loss_fn = staticmethod(dpo_loss)
-
-    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor,
-                anchor_logps: Optional[torch.Tensor] = None, *,
-                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
-        return self._loss(hidden, lm_head, targets, anchor_logps, bias=bias, **call_options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,15 +121,10 @@ def ipo_loss(hidden, weight, targets, anchor_logps=None, *, beta=0.1, length_nor
         length_norm=length_norm, reduction=reduction))
 
 
-class IPOLoss(FusedLossModule):
+class IPOLoss(AnchoredLossModule):
     """IPO as a module; options as :func:`ipo_loss`."""
 
     loss_fn = staticmethod(ipo_loss)
-
-    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor,
-                anchor_logps: Optional[torch.Tensor] = None, *,
-                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
-        return self._loss(hidden, lm_head, targets, anchor_logps, bias=bias, **call_options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,14 +177,10 @@ def simpo_loss(hidden, weight, targets, *, beta=2.0, gamma=1.0, sft_weight=0.0,
         label_smoothing=label_smoothing, reduction=reduction))
 
 
-class SimPOLoss(FusedLossModule):
+class SimPOLoss(TokensLossModule):
     """SimPO as a module; options as :func:`simpo_loss`."""
 
     loss_fn = staticmethod(simpo_loss)
-
-    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor, *,
-                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
-        return self._loss(hidden, lm_head, targets, bias=bias, **call_options)
 
 
 _DPO_SPEC = LossSpec("dpo", dpo_loss_from_logps, dpo_loss, DPOLoss, token_local=False,

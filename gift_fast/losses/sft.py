@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from ..logprobs import linear_logprobs
 from ..sequences import Layout, nonfinite_rows
 from ..validation import check_choice
-from .common import (REDUCTIONS, FusedLossModule, Head, LossResult, LossSpec, check_number,
-                     composed, masked, per_token, prepare, reduce, renamed, token_local)
+from .common import (REDUCTIONS, AnchoredLossModule, Head, LossResult, LossSpec,
+                     TokensLossModule, check_number, composed, masked, per_token, prepare, reduce,
+                     renamed, token_local)
 
 __all__ = ["fdiv_sft_loss", "dft_loss", "ift_loss", "fdiv_sft_loss_from_logps",
            "dft_loss_from_logps", "ift_loss_from_logps", "FDivSFTLoss", "DFTLoss", "IFTLoss",
@@ -129,15 +130,10 @@ def fdiv_sft_loss(hidden, weight, targets, anchor_logps=None, *, divergence="tv"
         scalar=reduction != "none")
 
 
-class FDivSFTLoss(FusedLossModule):
+class FDivSFTLoss(AnchoredLossModule):
     """f-divergence SFT as a module; options as :func:`fdiv_sft_loss`."""
 
     loss_fn = staticmethod(fdiv_sft_loss)
-
-    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor,
-                anchor_logps: Optional[torch.Tensor] = None, *,
-                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
-        return self._loss(hidden, lm_head, targets, anchor_logps, bias=bias, **call_options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,14 +168,10 @@ def dft_loss(hidden, weight, targets, *, cu_seqlens=None, bias=None, temperature
         scalar=reduction != "none")
 
 
-class DFTLoss(FusedLossModule):
+class DFTLoss(TokensLossModule):
     """DFT as a module; options as :func:`dft_loss`."""
 
     loss_fn = staticmethod(dft_loss)
-
-    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor, *,
-                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
-        return self._loss(hidden, lm_head, targets, bias=bias, **call_options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,14 +265,10 @@ def ift_loss(hidden, weight, targets, *, gamma=0.95, cu_seqlens=None, bias=None,
         logps, mask=mask, cu_seqlens=cu_seqlens, gamma=gamma, reduction=reduction))
 
 
-class IFTLoss(FusedLossModule):
+class IFTLoss(TokensLossModule):
     """IFT as a module; options as :func:`ift_loss`; ``hidden`` from the mixed inputs."""
 
     loss_fn = staticmethod(ift_loss)
-
-    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor, *,
-                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
-        return self._loss(hidden, lm_head, targets, bias=bias, **call_options)
 
 
 @torch.no_grad()

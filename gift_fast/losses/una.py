@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from ..sequences import nonfinite_rows, pair_split
 from ..validation import _capturing, check_choice
-from .common import (REDUCTIONS, FusedLossModule, Head, LossResult, LossSpec, check_length_norm,
-                     check_number, check_per_seq, composed, detached, mean_of, prepare, reduce,
-                     renamed, seq_logratios)
+from .common import (REDUCTIONS, AnchoredLossModule, Head, LossResult, LossSpec,
+                     check_length_norm, check_number, check_per_seq, composed, detached, mean_of,
+                     prepare, reduce, renamed, seq_logratios)
 from .preference import preference_metrics
 
 __all__ = ["una_loss", "una_loss_from_logps", "UNALoss", "UNA_KINDS"]
@@ -98,15 +98,10 @@ def una_loss(hidden, weight, targets, anchor_logps=None, *, kind="pairwise", lab
         scores=scores, beta=beta, length_norm=length_norm, reduction=reduction))
 
 
-class UNALoss(FusedLossModule):
+class UNALoss(AnchoredLossModule):
     """UNA as a module; options as :func:`una_loss`; ``labels`` / ``scores`` per call."""
 
     loss_fn = staticmethod(una_loss)
-
-    def forward(self, hidden: torch.Tensor, lm_head, targets: torch.Tensor,
-                anchor_logps: Optional[torch.Tensor] = None, *,
-                bias: Optional[torch.Tensor] = None, **call_options) -> LossResult:
-        return self._loss(hidden, lm_head, targets, anchor_logps, bias=bias, **call_options)
 
 
 def _mean_over(kind: str = "pairwise", **_) -> str:
