@@ -8,8 +8,6 @@ prints the table (the figures quoted in docs/distributed.md) and checks every di
 elementwise, against the sum of the two computations' rounding bounds (tests/helpers.py: from
 |x|, |W|, |b|, 1/T, H, V, the shard sizes and the unit roundoff; each shard's dX partial is
 rounded to the input dtype before the sum).
-
-NCCL on GPUs runs the same code; it is not tested here (no GPU).
 """
 from __future__ import annotations
 
