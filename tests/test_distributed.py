@@ -2,8 +2,7 @@
 
 One spawn per world size runs every case of tests/distributed_cases.py (uneven shares of the
 batch, a GIFT group split across ranks) and reports max abs differences against the
-single-process computation on the whole batch. NCCL on GPUs runs the same code but is not tested
-here.
+single-process computation on the whole batch.
 """
 import json
 import os

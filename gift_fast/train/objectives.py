@@ -10,14 +10,28 @@ from typing import Dict, Tuple
 import torch
 
 import gift_fast
+from ..losses import BY_NAME
+from ..losses.common import LossSpec
+from ..losses.sft import DIVERGENCES
 from .rollout import IGNORE_INDEX, Batch, head_weight, response_hidden
 
 ON_POLICY = ("gift", "grpo", "dpo", "rpo", "una")
-DIVERGENCES = ("tv", "pearson", "hellinger", "kl", "js")
 SUPERVISED = ("sft",) + tuple(f"fdiv-{d}" for d in DIVERGENCES) + ("dft", "ift")
 LOSSES = ON_POLICY + SUPERVISED
 # Losses that need a group of >= 2 sampled responses per prompt to say anything.
 NEEDS_GROUPS = ("gift", "grpo", "dpo", "rpo")
+
+
+def library_loss(name: str) -> Tuple[LossSpec, Dict]:
+    """The library loss behind trainer loss ``name`` and the options the trainer calls it with
+    that decide what its mean divides by (data-parallel scaling reads both)."""
+    if name in ("sft", "dft", "ift") or name.startswith("fdiv-"):
+        return BY_NAME["fdiv_sft" if name == "sft" or name.startswith("fdiv-") else name], {}
+    if name == "una":
+        return BY_NAME["una"], {"kind": "score_mse"}
+    if name in ON_POLICY:
+        return BY_NAME[name], {}
+    raise ValueError(f"loss: no data-parallel normalisation known for {name!r}")
 
 
 def _scalars(metrics) -> Dict[str, object]:
