@@ -315,6 +315,23 @@ def test_triton_backend_smoke(name):
         pytest.skip("covered by the gpu-marked tests")
 
 
+@needs_triton
+@pytest.mark.parametrize("name", ["gift", "gift_diffstats_mean", "grpo_dapo_kl", "grpo_grpo", "dpo",
+                                  "rpo_sq_multi", "fdiv_js", "dft", "ift"])
+def test_triton_backend_bfloat16(name):
+    """bfloat16 through the Triton kernels against the float64 spec: GIFT's two-phase op (forward
+    kernel, epilogue kernel, backward), the one-pass token-local op (GRPO, f-divergence SFT, DFT)
+    and the composed path (DPO, RPO, IFT). On CPU this needs the interpreter's bf16 dot fixed
+    (tests/conftest.py). Bounds as for float32 (front_end_rounding_bounds): exact bf16 inputs,
+    exact products, float32 accumulation, plus the 16-bit roundings the code does (logit
+    gradient stored in bf16, gradients returned in bf16)."""
+    front, ref = LOSSES[name]
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu-marked tests")
+    _compare(front, ref, 6, 3, torch.bfloat16, "triton", seed=zlib.crc32(name.encode()),
+             bias=name in ("gift", "dft"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_triton_bf16_gpu(name):
