@@ -74,12 +74,19 @@ class GPU:
     note: str = ""
 
 
+def _datasheet(key: str, anchor_gpu: str, note: str = "") -> GPU:
+    """Peaks from the datasheet table of bench/model.py (one copy of them)."""
+    from .model import GPUS as DATASHEETS
+    d = DATASHEETS[key]
+    return GPU(key, d.name, d.tensor_flops, d.hbm_bw, anchor_gpu, TRL_7244_BARE, note)
+
+
 GPUS = {
-    "h100": GPU("h100", "H100 SXM", 989e12, 3.35e12, "h100", TRL_7244_BARE),
-    "h200": GPU("h200", "H200 SXM", 989e12, 4.8e12, "h100", TRL_7244_BARE,
-                "no published bare anchor: H100's efficiency (same die and clocks)"),
-    "a100": GPU("a100", "A100 SXM 80GB", 312e12, 2.039e12, "h100", TRL_7244_BARE,
-                "no published bare anchor: H100's efficiency (tested by CCE's A100 baselines)"),
+    "h100": _datasheet("h100", "h100"),
+    "h200": _datasheet("h200", "h100",
+                       "no published bare anchor: H100's efficiency (same die and clocks)"),
+    "a100": _datasheet("a100", "h100", "no published bare anchor: H100's efficiency (tested "
+                                       "by CCE's A100 baselines)"),
 }
 
 
