@@ -620,7 +620,16 @@ def goals_markdown(s: Shape = GOAL_SHAPE, gpu_key: str = "h100") -> str:
                      + " |")
     notes = [f"- {gl.name}: {gl.reason or gl.plan.note}" for gl in gs
              if gl.reason or (gl.plan and gl.plan.note)]
-    return "\n".join(lines + ["", "Notes:", ""] + notes)
+    base = bare(s, gpu_key).time()
+    peers = [(p.name, p.time() / base) for p in (naive_eager(s, gpu_key), compiled(s, gpu_key),
+                                                 liger_flce(s, gpu_key))]
+    cce_lo = cce(s, gpu_key, 1.0).time(r_peer=max(R_VALUES)) / base
+    cce_hi = cce(s, gpu_key, 0.0).time(r_peer=min(R_VALUES)) / base
+    peer_lines = [f"- {name}: {x:.2f}x" for name, x in peers]
+    peer_lines.append(f"- CCE: {cce_lo:.2f}x (every tile filtered, r=1.00) .. {cce_hi:.2f}x "
+                      "(none filtered, r=0.80)")
+    return "\n".join(lines + ["", "Notes:", ""] + notes
+                     + ["", "Peers at the same shape (as their defaults run):", ""] + peer_lines)
 
 
 # ---------------------------------------------------------------------------------------------
