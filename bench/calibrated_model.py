@@ -517,7 +517,7 @@ def implied_r_liger_cute() -> float:
     c = _ctx("h100")
     fused = Plan("fused CE", [gemm("fused", s.n, s.v, s.h, s.e, 0, engine="ours", launches=4,
                                    **c)], 0, 4)
-    return fused.implied_r(PUBLISHED["liger_cute_h100"] * 1e-3 / 1.0) or float("nan")
+    return fused.implied_r(PUBLISHED["liger_cute_h100"] * 1e-3) or float("nan")
 
 
 def validation_markdown(checks: Sequence[Check]) -> str:
