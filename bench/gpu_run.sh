@@ -12,8 +12,9 @@
 #   OUT            result folder (default bench/results/<gpu name>-<YYYYMMDD>, e.g. h100-80gb-hbm3-20270101)
 #   SUITE_BUDGET   seconds for the timed sweep (default 420; later runs are reported as skipped)
 #   PHASE          all (default), tests or suite
-# Writes into $OUT: nvidia-smi.txt, gpu_tests.log, suite.log, results.json, results.md and the
-# PNG plots. Commit the folder to publish the numbers; compare them with the cost model.
+# Writes into $OUT: nvidia-smi.txt, gpu_tests.log, suite.log, results.json, results.md, the PNG
+# plots, model_prediction.md (bench.model --predict) and model_vs_measured.md (measured next to
+# the model for the same shapes, with the r each measurement implies). Commit the folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
@@ -40,5 +41,12 @@ if [[ $PHASE == all || $PHASE == suite ]]; then
   python3 -m bench.run_suite --full --time-budget "${SUITE_BUDGET:-420}" --out "$OUT" \
       2> "$OUT/suite.log" | tee -a "$OUT/suite.log" | tail -60
   echo "suite: exit status ${PIPESTATUS[0]}"
+fi
+# The calibrated cost model for the same shapes, next to what was measured: the "implied r"
+# column is our Triton kernels' efficiency relative to cuBLAS that makes the model match.
+python3 -m bench.model --predict --gpu-name "$gpu" > "$OUT/model_prediction.md"
+if [[ -f $OUT/results.json ]]; then
+  python3 -m bench.model --compare "$OUT/results.json" --gpu-name "$gpu" \
+      | tee "$OUT/model_vs_measured.md"
 fi
 ls -la "$OUT"

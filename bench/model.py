@@ -574,7 +574,8 @@ def main(argv=None):
     p.add_argument("--h", type=int, default=4096, help="hidden size")
     p.add_argument("--v", type=int, default=151936, help="vocabulary size")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
-    p.add_argument("--gpu", choices=list(GPUS) + ["all"], default="all")
+    p.add_argument("--gpu", choices=list(GPUS) + ["all"], default="all",
+                   help="roofline tables: which GPUs; --predict: which one (all = h100)")
     p.add_argument("--live-frac", type=float, default=1.0,
                    help="fraction of rows with a gradient (GIFT, one-pass, CCE; e.g. 0.5 when "
                         "half the tokens are prompt)")
@@ -582,7 +583,30 @@ def main(argv=None):
                    help="fraction of CCE backward tiles skipped by its gradient filter")
     p.add_argument("--kernels", action="store_true", help="also print the per-kernel table")
     p.add_argument("--json", action="store_true", help="print the JSON result instead")
+    cal = p.add_argument_group("calibrated model (bench/calibrated_model.py)")
+    cal.add_argument("--validate", action="store_true",
+                     help="model vs the published numbers; exit status 1 if one is off by more "
+                          "than 15%%")
+    cal.add_argument("--goals", action="store_true",
+                     help="issue 17's goal table at r = 0.80 .. 1.00 (H100)")
+    cal.add_argument("--predict", action="store_true",
+                     help="model times for the shapes bench/gpu_run.sh measures (--gpu)")
+    cal.add_argument("--compare", metavar="RESULTS_JSON",
+                     help="a bench.run_suite results.json next to the model (--gpu-name)")
+    cal.add_argument("--gpu-name", help="device name for --compare, e.g. h100-80gb-hbm3")
     a = p.parse_args(argv)
+    if a.validate or a.goals or a.predict or a.compare:
+        from . import calibrated_model
+        name = a.gpu_name or ("h100" if a.gpu == "all" else a.gpu)
+        a.gpu_key = calibrated_model.gpu_key_from_name(name)
+        if a.gpu_key is None:
+            print(f"bench.model: no model for the GPU {name!r} "
+                  f"(models: {', '.join(calibrated_model.GPUS)})")
+            return 0 if not a.validate else 1
+        status = calibrated_model.main(a)
+        if status:
+            sys.exit(status)
+        return status
     gpus = tuple(GPUS) if a.gpu == "all" else (a.gpu,)
     result = evaluate(a.n, a.h, a.v, a.dtype, a.live_frac, a.cce_filtered, gpus)
     if a.json:

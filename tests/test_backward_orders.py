@@ -51,7 +51,8 @@ def _grads(backend, hidden, weight, b, targets, g_logp, g_ent, entropy, **kw):
 
 
 @pytest.mark.parametrize("case, dtype", [(c, torch.float32) for c in CASES]
-                         + [("bias_softcap_entropy", torch.float16), ("ragged", torch.float16)])
+                         + [(c, half) for c in ("bias_softcap_entropy", "ragged")
+                            for half in (torch.float16, torch.bfloat16)])
 @pytest.mark.parametrize("order", ["rows", "vocab"])
 def test_order_matches_float64(order, dtype, case, monkeypatch):
     N, H, V, bias, temperature, softcap, ignored, entropy = CASES[case]
@@ -171,8 +172,7 @@ def _one_ulp(half, ref):
 def test_split_accumulator_is_an_exact_float32_sum(half):
     """matmul with a split accumulator (16-bit high half + int16 low half) holds exactly the
     float32 sum the plain float32 accumulator holds; the last launch rounds it to 16 bits.
-    float32 operands (tl.dot on bf16 is broken in the interpreter; the split is in the epilogue,
-    not the dot)."""
+    float32 operands (the split is in the epilogue, not the dot)."""
     from gift_fast.kernels import matmul
     g = torch.Generator().manual_seed(11)
     M, K, N = 19, 21, 35
@@ -198,9 +198,9 @@ def test_split_accumulator_is_an_exact_float32_sum(half):
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_vocab_order_with_split_dx_accumulator(half):
     """The 16-bit path of the vocab order (dX = high half in dX + int16 low half across blocks),
-    driven with float32 operands so that the interpreter's dot is exact: first, middle and last
-    blocks (the last rounds to 16 bits) against the float32-accumulator path. (float16 runs the
-    whole path end to end in test_order_matches_float64[vocab-ragged-float16].)"""
+    driven with float32 operands so that the dot is exact: first, middle and last blocks (the
+    last rounds to 16 bits) against the float32-accumulator path. (float16 and bfloat16 run the
+    whole path end to end in test_order_matches_float64[vocab-ragged-*].)"""
     N, H, V = 17, 20, 70
     hidden, weight, b, targets, g, _ = _inputs(N, H, V, torch.float32, True, 0.0, seed=12)
     lse = torch.logsumexp(hidden @ weight.T + b, 1)

@@ -315,6 +315,35 @@ def test_triton_backend_smoke(name):
         pytest.skip("covered by the gpu-marked tests")
 
 
+@needs_triton
+@pytest.mark.parametrize("name", ["gift", "gift_diffstats_mean", "grpo_dapo_kl", "grpo_grpo", "dpo",
+                                  "rpo_sq_multi", "fdiv_js", "dft", "ift"])
+def test_triton_backend_bfloat16(name, monkeypatch):
+    """bfloat16 through the Triton kernels against the float64 spec: GIFT's two-phase op (forward
+    kernel, epilogue kernel, backward), the one-pass token-local op (GRPO, f-divergence SFT, DFT)
+    and the composed path (DPO, RPO, IFT). On CPU this needs the interpreter's bf16 dot fixed
+    (tests/conftest.py). Bounds as for float32 (front_end_rounding_bounds): exact bf16 inputs,
+    exact products, float32 accumulation, plus the 16-bit roundings the code does (logit
+    gradient stored in bf16, gradients returned in bf16)."""
+    import gift_fast.backends.triton_gift as fused_gift
+    import gift_fast.backends.triton_token_local as fused_token_local
+    front, ref = LOSSES[name]
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu-marked tests")
+    used = []
+    for module, fn in ((fused_gift, "fused_gift_loss"),
+                       (fused_token_local, "one_pass_token_local")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _fn=fn, **k: (
+            used.append((_fn, a[0].dtype)), _real(*a, **k))[1])
+    _compare(front, ref, 6, 3, torch.bfloat16, "triton", seed=zlib.crc32(name.encode()),
+             bias=name in ("gift", "dft"))
+    # GIFT with differentiable group statistics takes the composed path (losses.py)
+    fused = ("fused_gift_loss" if name == "gift" else "one_pass_token_local"
+             if name.split("_")[0] in ("grpo", "fdiv", "dft") else None)
+    assert used == ([(fused, torch.bfloat16)] if fused else []), used
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_triton_bf16_gpu(name):
