@@ -202,10 +202,11 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
         if data_parallel_world(data_parallel_group)[0] > 1:     # a count over the whole batch
             torch.distributed.all_reduce(n_bad, group=data_parallel_group)
     n_seq = s.shape[0]
-    grp, n_groups = group_index(n_seq, group_size, group_ids, logps.device)
+    grp, n_groups = group_index(n_seq, group_size, group_ids, logps.device, empty_groups_ok=True)
 
     ones = torch.ones(n_seq, dtype=acc, device=lp.device)
     counts = group_sum(ones, grp, n_groups)
+    present = counts > 0           # all but the empty groups of a compiled group_ids batch
     single = (counts == 1).index_select(0, grp)                    # [B] sequence alone in its group
 
     r_max = torch.full((n_groups,), -math.inf, dtype=acc, device=lp.device).scatter_reduce(
@@ -246,7 +247,7 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
         rho = torch.where(defined, cov / torch.sqrt(torch.where(defined, vr * vs, 1.0)), 0.0)
         n_def = defined.to(acc).sum()
         multi = (counts > 1).to(acc)
-        n_div, g_div = max(n_seq, 1), max(n_groups, 1)     # an empty batch gives 0, not NaN
+        n_div, g_div = max(n_seq, 1), present.sum().clamp_min(1)   # empty batch: 0, not NaN
         metrics = {
             "adv_mean": (a.sum() / n_div).float(),
             "z_mean": (z.detach().sum() / n_div).float(),
@@ -254,8 +255,8 @@ def gift_loss(logps: torch.Tensor, anchor_logps: torch.Tensor, rewards: torch.Te
             "implicit_std": ((s_std.detach() * multi).sum() / multi.sum().clamp_min(1)).float(),
             "correlation": (rho.sum() / n_def.clamp_min(1)).float(),
             "uniform_reward_frac": uniform_g.to(torch.float32).sum() / g_div,
-            "loss_groups": (~uniform_g).to(torch.float32).sum() if drop_uniform_groups
-            else torch.tensor(float(n_groups), device=lp.device),
+            "loss_groups": (~uniform_g & present).to(torch.float32).sum() if drop_uniform_groups
+            else present.to(torch.float32).sum(),
             "nonfinite_rows": n_bad,
         }
     return loss, metrics

@@ -184,7 +184,7 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (backend, temperature, softcap, group_name)
 
 
-def _must_not_sync(hidden: torch.Tensor) -> bool:
+def must_not_sync(hidden: torch.Tensor) -> bool:
     """Inside torch.compile or a CUDA graph capture a host read would break the graph (or fail
     the capture): the backward then skips the row compaction."""
     return torch.compiler.is_compiling() or _capturing(hidden)
@@ -198,7 +198,7 @@ def _backward(ctx, d_logp, d_entropy, _d_argmax, _d_lse):
     d_hidden, d_weight, d_bias = linear_logprobs_bwd(
         hidden, weight, bias, local_targets, active, lse, entropy, d_logp,
         d_entropy if entropy is not None else None, backend, temperature, softcap, need_dx,
-        need_dw, need_db, group_name, not _must_not_sync(hidden))
+        need_dw, need_db, group_name, not must_not_sync(hidden))
     return ((d_hidden if need_dx else None, d_weight if need_dw else None,
              d_bias if need_db else None) + (None,) * 10)
 

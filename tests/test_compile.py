@@ -272,7 +272,7 @@ def test_loss_front_end_fullgraph_dynamic(name, layout, monkeypatch):
         else:
             (h, w, t, a, r), kw = _front_inputs(B, seed=B), {}
         with monkeypatch.context() as m:
-            m.setattr("gift_fast.logprobs._must_not_sync", lambda hidden: True)
+            m.setattr("gift_fast.logprobs.must_not_sync", lambda hidden: True)
             want_loss, want_metrics = fn(h, w, t, a, r, **kw)
             want = torch.autograd.grad(want_loss, (h, w))
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
@@ -311,3 +311,153 @@ def test_compiled_value_checks_of_the_epilogues():
         fn(h, w, t, a, r, cu_seqlens=bad_cu)
     with pytest.raises(RuntimeError, match="cu_seqlens: expected non-decreasing offsets"):
         compiled(h, w, t, a, r, cu_seqlens=bad_cu)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused triton GIFT op (gift_fast::fused_gift_fwd) through the interpreter on CPU.
+# --------------------------------------------------------------------------------------------
+
+FUSED_GIFT_CASES = {  # name: (gift_loss options, bias, packed)
+    "plain": (dict(), False, False),
+    "drop_T_softcap_bias": (dict(drop_uniform_groups=True, temperature=0.8, softcap=3.0,
+                                 length_norm=0.5), True, False),
+    "sum_biased_packed": (dict(reduction="sum", std="biased", beta=0.7), False, True),
+}
+
+
+def _fused_gift_fn(opts, backend="triton"):
+    def fn(h, w, b, t, a, r, **kw):
+        return gf.gift_loss(h, w, t, a, r, group_size=2, bias=b, backend=backend, **opts, **kw)
+    return fn
+
+
+def _fused_gift_inputs(B, bias, packed, seed):
+    if packed:
+        h, w, t, a, r, kw = _packed(B, seed=seed)
+    else:
+        (h, w, t, a, r), kw = _front_inputs(B, seed=seed), {}
+    r[:2] = 0.5                             # a group of equal rewards (dropped when asked)
+    g = torch.Generator().manual_seed(seed + 100)
+    b = (0.5 * torch.randn(w.shape[0], generator=g)).requires_grad_() if bias else None
+    return h, w, b, t, a, r, kw
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_GIFT_CASES))
+def test_fused_gift_fullgraph_dynamic(case, monkeypatch):
+    """gift_loss on the triton backend (the fused two-phase op) compiles to one graph for three
+    batch sizes with no host sync. Loss, metrics and gradients equal bit for bit the eager op run
+    without row compaction (the same kernels on the same rows), and the default (compacting)
+    eager op within the sum of both paths' rounding bounds from the float64 reference
+    (front_end_rounding_bounds: the compaction changes only the order of the backward's sums)."""
+    from helpers import assert_within, front_end_rounding_bounds
+    opts, bias, packed = FUSED_GIFT_CASES[case]
+    fn = _fused_gift_fn(opts)
+
+    def composed(*args, **kwargs):
+        raise AssertionError("gift_loss took the composed path, not the fused op")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for i, B in enumerate((4, 6, 8)):
+        h, w, b, t, a, r, kw = _fused_gift_inputs(B, bias, packed, seed=B)
+        leaves = [x for x in (h, w, b) if x is not None]
+        with monkeypatch.context() as fused_only:
+            fused_only.setattr("gift_fast.functional.gift_loss", composed)
+            eager_loss, eager_metrics = fn(h, w, b, t, a, r, **kw)
+            eager = torch.autograd.grad(eager_loss, leaves)
+            with monkeypatch.context() as m:
+                m.setattr("gift_fast.logprobs.must_not_sync", lambda hidden: True)
+                want_loss, want_metrics = fn(h, w, b, t, a, r, **kw)
+                want = torch.autograd.grad(want_loss, leaves)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                if i == 0:
+                    compiled(h, w, b, t, a, r, **kw)
+                with count_host_syncs() as syncs:
+                    loss, metrics = compiled(h, w, b, t, a, r, **kw)
+                    got = torch.autograd.grad(loss, leaves)
+        assert sum(syncs.values()) == 0, dict(syncs)
+        assert torch.equal(loss, want_loss)
+        assert metrics.keys() == want_metrics.keys()
+        for k in metrics:
+            assert torch.equal(metrics[k], want_metrics[k]), k
+        for g, ref in zip(got, want):
+            assert torch.equal(g, ref)
+        # Against the compacting eager op: both float32 paths are within their bounds of exact.
+        bounds = front_end_rounding_bounds(
+            lambda hh, ww, bb, backend: _fused_gift_fn(opts, backend)(
+                hh, ww, bb, t, a.double(), r.double(), **kw),
+            "triton", torch.float32, h, w, b, t)
+        assert_within("loss", loss, eager_loss, 2 * bounds.loss)
+        for name, g, ref in zip(("d_hidden", "d_weight", "d_bias"), got, eager):
+            assert_within(name, g, ref, 2 * getattr(bounds.grads, name))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_fused_gift_opcheck():
+    from gift_fast.backends.triton_gift import fused_gift_fwd
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V = 4, 5, 8, 20
+    hidden = torch.randn(B * T, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    bias = torch.randn(V, generator=g)
+    t = torch.randint(0, V, (B * T,), generator=g)
+    t[::3] = -100
+    act = t != -100
+    y = local_targets(t, act)
+    anchor = -3 * torch.rand(B * T, generator=g)
+    rewards = torch.rand(B, generator=g)
+    cu = torch.arange(B + 1) * T
+    group_ptr = torch.arange(0, B + 1, 2)
+    for b, drop, mean in ((None, False, True), (bias, True, False)):
+        torch.library.opcheck(fused_gift_fwd, (
+            hidden.clone().requires_grad_(), weight.clone().requires_grad_(), b, y, act, anchor,
+            rewards, cu, group_ptr, 0.8, 3.0 if b is not None else None, 1.0, 1e-6, 0.5, True,
+            drop, 2, mean))
+
+
+@pytest.mark.parametrize("std,drop", [("unbiased", False), ("biased", True)])
+def test_gift_group_ids_fullgraph_dynamic(std, drop, monkeypatch):
+    """gift_loss with ``group_ids`` (any labels, groups not consecutive, sizes 1 to 3): the
+    compiled graph builds the labels on the device with as many group slots as sequences (the
+    number of distinct ids is data), one graph for three batch sizes, no host sync; loss,
+    metrics and gradients equal eager, which counts the groups with torch.unique."""
+    def fn(h, w, t, a, r, ids):
+        return gf.gift_loss(h, w, t, a, r, group_ids=ids, std=std, drop_uniform_groups=drop,
+                            backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for i, B in enumerate((4, 6, 8)):
+        h, w, t, a, r = _front_inputs(B, seed=B)
+        # Groups of one (40 at B = 4, 77), groups spread over the batch (25, 40 at B >= 6).
+        ids = torch.tensor([40, 10, 10, 25, 40, 40, 77, 25][:B])
+        r[2] = r[1]                              # the group labelled 10 has uniform rewards
+        with monkeypatch.context() as m:
+            m.setattr("gift_fast.logprobs.must_not_sync", lambda hidden: True)
+            want_loss, want_metrics = fn(h, w, t, a, r, ids)
+            want = torch.autograd.grad(want_loss, (h, w))
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            if i == 0:
+                compiled(h, w, t, a, r, ids)
+            with count_host_syncs() as syncs:
+                loss, metrics = compiled(h, w, t, a, r, ids)
+                got = torch.autograd.grad(loss, (h, w))
+        assert sum(syncs.values()) == 0, dict(syncs)
+        assert torch.equal(loss, want_loss)
+        assert metrics.keys() == want_metrics.keys()
+        for k in metrics:
+            assert torch.equal(metrics[k], want_metrics[k]), (k, metrics[k], want_metrics[k])
+        for g, ref in zip(got, want):
+            assert torch.equal(g, ref)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_sorted_labels_match_unique():
+    from gift_fast.sequences import _sorted_labels
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 2, 7, 30):
+        ids = torch.randint(-3, 4, (n,), generator=g)
+        _, inverse = torch.unique(ids, return_inverse=True)
+        assert torch.equal(_sorted_labels(ids), inverse)
