@@ -64,7 +64,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                              "'auto'), got 'reference'; for an oracle, gather the full weight and "
                              "call linear_logprobs without the group")
         shard = vocab_shard(vocab_parallel_group, weight.shape[0], h2.shape[0], h2.device,
-                            vocab_start_index, targets=t1)
+                            vocab_start_index, targets=t1, weight=weight)
         check_target_range(t1, shard.vocab_size, ignore_index)
         active = t1 != ignore_index
         y = local_targets(t1, active, shard.start, shard.size)
