@@ -326,17 +326,20 @@ FUSED_GIFT_CASES = {  # name: (gift_loss options, bias, packed)
 
 
 def _fused_gift_fn(opts, backend="triton"):
+    # Groups of 3: a group of 2 has loss 0 whenever s and R are in the same order.
     def fn(h, w, b, t, a, r, **kw):
-        return gf.gift_loss(h, w, t, a, r, group_size=2, bias=b, backend=backend, **opts, **kw)
+        return gf.gift_loss(h, w, t, a, r, group_size=3, bias=b, backend=backend, **opts, **kw)
     return fn
 
 
 def _fused_gift_inputs(B, bias, packed, seed):
+    # V = 30: no size of the first compile (B = 6, T = 5, H = 8, N = 24 packed) equals another,
+    # which duck sizing would turn into a guard (and a recompile at the next batch size).
     if packed:
-        h, w, t, a, r, kw = _packed(B, seed=seed)
+        h, w, t, a, r, kw = _packed(B, V=30, seed=seed)
     else:
-        (h, w, t, a, r), kw = _front_inputs(B, seed=seed), {}
-    r[:2] = 0.5                             # a group of equal rewards (dropped when asked)
+        (h, w, t, a, r), kw = _front_inputs(B, V=30, seed=seed), {}
+    r[:3] = 0.5                             # a group of equal rewards (dropped when asked)
     g = torch.Generator().manual_seed(seed + 100)
     b = (0.5 * torch.randn(w.shape[0], generator=g)).requires_grad_() if bias else None
     return h, w, b, t, a, r, kw
@@ -359,7 +362,7 @@ def test_fused_gift_fullgraph_dynamic(case, monkeypatch):
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
     counters = torch._dynamo.utils.counters
     counters.clear()
-    for i, B in enumerate((4, 6, 8)):
+    for i, B in enumerate((6, 9, 12)):
         h, w, b, t, a, r, kw = _fused_gift_inputs(B, bias, packed, seed=B)
         leaves = [x for x in (h, w, b) if x is not None]
         with monkeypatch.context() as fused_only:
@@ -536,3 +539,123 @@ def test_vocab_parallel_fullgraph_dynamic(backend, tmp_path):
         assert all(sum(s.values()) == 0 for s in report["syncs"]), report["syncs"]
         assert all(all(e) for e in report["equal"]), report["equal"]
         assert report["graphs"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: no sync in a training step, and a CUDA-graph capture of one (gpu marker: skipped here).
+# --------------------------------------------------------------------------------------------
+
+GPU_B, GPU_T, GPU_H, GPU_V, GPU_LR = 8, 6, 32, 100, 0.1
+GPU_G = 4     # groups of 4: a group of 2 has loss 0 whenever s and R are in the same order
+
+
+def _gpu_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(GPU_B, GPU_T, GPU_H, generator=g)
+    targets = torch.randint(0, GPU_V, (GPU_B, GPU_T), generator=g)
+    targets[:, :2] = -100                              # prompt tokens: rows with no gradient
+    anchor = -3 * torch.rand(GPU_B, GPU_T, generator=g)
+    rewards = torch.rand(GPU_B, generator=g)
+    return [t.cuda() for t in (hidden, targets, anchor, rewards)]
+
+
+def _gpu_head(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = 0.3 * torch.randn(GPU_V, GPU_H, generator=g)
+    head = torch.nn.Linear(GPU_H, GPU_V, bias=False, device="cuda")
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head, torch.optim.SGD(head.parameters(), lr=GPU_LR)
+
+
+def _gift_forward(head, hidden, targets, anchor, rewards):
+    return gf.gift_loss(hidden, head.weight, targets, anchor, rewards, group_size=GPU_G,
+                        backend="triton")[0]
+
+
+def _check_gift_step(loss, grad, weight_before, weight_after, batch):
+    """One SGD step of the fused GIFT loss against an eager step on a copy of the head: loss
+    and gradient within the sum of both float32 paths' rounding bounds from the float64
+    reference (front_end_rounding_bounds, on CPU copies); the update is w - lr * grad, two
+    roundings of at most U32 relative each."""
+    from helpers import assert_within, front_end_rounding_bounds
+    hidden, targets, anchor, rewards = batch
+    ref_head, _ = _gpu_head()
+    with torch.no_grad():
+        ref_head.weight.copy_(weight_before)
+    ref_loss = _gift_forward(ref_head, hidden, targets, anchor, rewards)
+    ref_grad, = torch.autograd.grad(ref_loss, ref_head.weight)
+    cpu = [t.detach().cpu() for t in (hidden, weight_before, targets, anchor, rewards)]
+    h, w, t, a, r = cpu
+    bounds = front_end_rounding_bounds(
+        lambda hh, ww, bb, backend: gf.gift_loss(hh, ww, t, a.double(), r.double(),
+                                                 group_size=GPU_G, backend=backend),
+        "triton", torch.float32, h, w, None, t)
+    assert_within("loss", loss.cpu(), ref_loss.detach().cpu(), 2 * bounds.loss)
+    assert_within("d_weight", grad.cpu(), ref_grad.cpu(), 2 * bounds.grads.d_weight)
+    want = weight_before - GPU_LR * grad
+    limit = 2 * U32 * (weight_before.abs() + GPU_LR * grad.abs())
+    assert ((weight_after - want).abs() <= limit).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_cuda_compiled_training_step_has_no_sync(compiler):
+    """A compiled fused-GIFT forward, its backward and an SGD step on a tiny linear head under
+    torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    torch._dynamo.reset()
+    head, opt = _gpu_head()
+    forward = torch.compile(_gift_forward, fullgraph=True, dynamic=True, backend=compiler)
+    warm = _gpu_batch(0)
+    forward(head, *warm).backward()                 # compiles outside the sync check
+    opt.zero_grad(set_to_none=True)
+    batch = _gpu_batch(1)
+    before = head.weight.detach().clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = forward(head, *batch)
+        loss.backward()
+        grad = head.weight.grad.detach().clone()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    _check_gift_step(loss.detach(), grad, before, head.weight.detach(), batch)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay_of_a_training_step():
+    """The eager fused-GIFT step (forward, backward, SGD step) captured in a CUDA graph with
+    static inputs: inside the capture the value checks and the row compaction are skipped (no
+    host read), and each replay on new data copied into the static inputs equals an eager step."""
+    head, opt = _gpu_head()
+    static = _gpu_batch(0)
+
+    def step():
+        loss = _gift_forward(head, *static)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                  # warm-up: Triton compiles, allocator settles
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for seed in (1, 2):
+        batch = _gpu_batch(seed)
+        for dst, src in zip(static, batch):
+            dst.copy_(src)
+        before = head.weight.detach().clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        # The captured backward writes .grad in place (the capture saw no earlier gradient).
+        _check_gift_step(static_loss, head.weight.grad.detach().clone(), before,
+                         head.weight.detach(), batch)

@@ -107,7 +107,8 @@ def gift_metrics(adv, z, stats, n_bad, drop_uniform: bool, group_size: int):
             "correlation": rho.sum() / defined.sum().clamp_min(1),
             "uniform_reward_frac": uniform.sum() / g_div,
             "loss_groups": (1.0 - uniform).sum() if drop_uniform
-            else torch.tensor(float(n_groups), device=adv.device),
+            # a fill on the device, not a host-to-device copy (a sync; illegal in a capture)
+            else torch.full((), n_groups, dtype=torch.float32, device=adv.device),
             "nonfinite_rows": n_bad,
         }
 
