@@ -47,6 +47,19 @@ def cases():
     }
 
 
+def recording_unbacked_sizes(found):
+    """aot_eager, recording the dynamo graph's nodes with a data-dependent (unbacked) size: each
+    is a host read inside an op (e.g. torch.unique), unseen by count_host_syncs."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    def backend(gm, example_inputs):
+        found.extend(n.name for n in gm.graph.nodes
+                     if n.meta.get("example_value") is not None
+                     and free_unbacked_symbols(n.meta["example_value"]))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
 def triton_op_probe():
     """Whether a torch.library.triton_op compiles here: with TRITON_INTERPRET=1, wrap_triton
     hands back the interpreted kernel itself (it has no JIT metadata to trace), so compiling
@@ -96,12 +109,15 @@ def main():
         with count_host_syncs() as syncs:
             fn(h, w).backward()
         torch._dynamo.reset()
+        unbacked = []
         try:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+            compiled = torch.compile(fn, fullgraph=True, dynamic=True,
+                                     backend=recording_unbacked_sizes(unbacked))
             compiled(h, w).backward()                       # compiles outside the count
             with count_host_syncs() as csyncs:
                 compiled(h, w).backward()
-            fullgraph = f"compiled (fullgraph, dynamic) fwd+bwd host syncs={sum(csyncs.values())}"
+            fullgraph = (f"compiled (fullgraph, dynamic) fwd+bwd host syncs={sum(csyncs.values())}"
+                         f" data-dependent sizes={len(unbacked)}")
         except Exception as e:     # noqa: BLE001 - reported, not raised: this is a probe
             fullgraph = f"fullgraph compile fails: {type(e).__name__}"
         print(f"{name}: graph_breaks={ex.graph_break_count} graphs={ex.graph_count} "
