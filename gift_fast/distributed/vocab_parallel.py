@@ -142,12 +142,18 @@ def _checked_shard(group, local_vocab, n_rows, device, vocab_start_index, target
         pos = hi
     shard = VocabShard(start=starts[rank], size=local_vocab, vocab_size=pos, rank=rank,
                        world_size=world)
-    _LAYOUTS[(group.group_name, local_vocab, vocab_start_index)] = shard
+    _LAYOUTS[_layout_key(group, local_vocab, vocab_start_index)] = shard
     return shard
 
 
-# (group name, local rows, vocab_start_index) -> VocabShard, from a checked all_gather.
+# _layout_key -> VocabShard, from a checked all_gather.
 _LAYOUTS: dict = {}
+
+
+def _layout_key(group, local_vocab: int, vocab_start_index: Optional[int]) -> tuple:
+    # World size and rank too: a group destroyed and created again may reuse its name.
+    return (group.group_name, dist.get_world_size(group), dist.get_rank(group), local_vocab,
+            vocab_start_index)
 
 
 @torch.compiler.assume_constant_result
@@ -158,10 +164,10 @@ def _static_layout(group_name: str, weight: torch.Tensor, vocab_start_index: Opt
     all_gather: every rank traces its first call at the same point, so the collectives match.
     Under a CUDA graph capture it runs eagerly: the layout must have been checked before (the
     eager warm-up calls a capture needs anyway)."""
-    key = (group_name, weight.shape[0], vocab_start_index)
+    group = group_of(group_name)
+    key = _layout_key(group, weight.shape[0], vocab_start_index)
     if key not in _LAYOUTS:
-        _checked_shard(group_of(group_name), weight.shape[0], 0, weight.device, vocab_start_index,
-                       None)
+        _checked_shard(group, weight.shape[0], 0, weight.device, vocab_start_index, None)
     s = _LAYOUTS[key]
     return s.start, s.size, s.vocab_size, s.rank, s.world_size
 
