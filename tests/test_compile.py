@@ -295,6 +295,18 @@ def _aot_eager_without_data_dependent_shapes(found: list):
     return backend
 
 
+def _compile_fullgraph_dynamic(fn):
+    """(compiled fn, list of data-dependent-size nodes it fills, dynamo counters), after a reset
+    of dynamo and of its counters."""
+    torch._dynamo.reset()
+    data_dependent = []
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True,
+                             backend=_aot_eager_without_data_dependent_shapes(data_dependent))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    return compiled, data_dependent, counters
+
+
 def _compiled_loss_equals(compiled, args, kw, leaves, first, want_loss, want_metrics, want):
     """Runs ``compiled(*args, **kw)`` -> (loss, metrics) and its gradients w.r.t. ``leaves``
     (compiling at the first batch size, outside the sync count; after it any recompilation
@@ -383,12 +395,7 @@ def test_fused_gift_fullgraph_dynamic(case, monkeypatch):
 
     def composed(*args, **kwargs):
         raise AssertionError("gift_loss took the composed path, not the fused op")
-    torch._dynamo.reset()
-    data_dependent = []
-    compiled = torch.compile(fn, fullgraph=True, dynamic=True,
-                             backend=_aot_eager_without_data_dependent_shapes(data_dependent))
-    counters = torch._dynamo.utils.counters
-    counters.clear()
+    compiled, data_dependent, counters = _compile_fullgraph_dynamic(fn)
     for i, B in enumerate((6, 9, 12)):
         h, w, b, t, a, r, kw = _fused_gift_inputs(B, bias, packed, seed=B)
         leaves = [x for x in (h, w, b) if x is not None]
@@ -447,12 +454,7 @@ def test_gift_group_ids_fullgraph_dynamic(std, drop, monkeypatch):
     def fn(h, w, t, a, r, ids):
         return gf.gift_loss(h, w, t, a, r, group_ids=ids, std=std, drop_uniform_groups=drop,
                             backend="torch")
-    torch._dynamo.reset()
-    data_dependent = []
-    compiled = torch.compile(fn, fullgraph=True, dynamic=True,
-                             backend=_aot_eager_without_data_dependent_shapes(data_dependent))
-    counters = torch._dynamo.utils.counters
-    counters.clear()
+    compiled, data_dependent, counters = _compile_fullgraph_dynamic(fn)
     for i, B in enumerate((4, 6, 8)):
         h, w, t, a, r = _front_inputs(B, seed=B)
         # Groups of one (40 at B = 4, 77), groups spread over the batch (25, 40 at B >= 6).
