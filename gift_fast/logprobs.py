@@ -64,7 +64,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                              "'auto'), got 'reference'; for an oracle, gather the full weight and "
                              "call linear_logprobs without the group")
         shard = vocab_shard(vocab_parallel_group, weight.shape[0], h2.shape[0], h2.device,
-                            vocab_start_index, targets=t1)
+                            vocab_start_index, targets=t1, weight=weight)
         check_target_range(t1, shard.vocab_size, ignore_index)
         active = t1 != ignore_index
         y = local_targets(t1, active, shard.start, shard.size)
@@ -184,7 +184,7 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (backend, temperature, softcap, group_name)
 
 
-def _must_not_sync(hidden: torch.Tensor) -> bool:
+def must_not_sync(hidden: torch.Tensor) -> bool:
     """Inside torch.compile or a CUDA graph capture a host read would break the graph (or fail
     the capture): the backward then skips the row compaction."""
     return torch.compiler.is_compiling() or _capturing(hidden)
@@ -198,7 +198,7 @@ def _backward(ctx, d_logp, d_entropy, _d_argmax, _d_lse):
     d_hidden, d_weight, d_bias = linear_logprobs_bwd(
         hidden, weight, bias, local_targets, active, lse, entropy, d_logp,
         d_entropy if entropy is not None else None, backend, temperature, softcap, need_dx,
-        need_dw, need_db, group_name, not _must_not_sync(hidden))
+        need_dw, need_db, group_name, not must_not_sync(hidden))
     return ((d_hidden if need_dx else None, d_weight if need_dw else None,
              d_bias if need_db else None) + (None,) * 10)
 

@@ -119,8 +119,17 @@ def token_mask(values: torch.Tensor, mask: Optional[torch.Tensor], name: str = "
 
 
 def group_index(n_seq: int, group_size: Optional[int], group_ids: Optional[torch.Tensor],
-                device, required: bool = True) -> Tuple[torch.Tensor, int]:
-    """Group of each sequence ``[B]`` (int64, labels 0..n_groups-1) and the number of groups."""
+                device, required: bool = True,
+                empty_groups_ok: bool = False) -> Tuple[torch.Tensor, int]:
+    """Group of each sequence ``[B]`` (int64, labels 0..n_groups-1, in the order of the sorted
+    ids) and the number of groups.
+
+    The number of distinct ``group_ids`` is data: counting them (``torch.unique``) reads it on
+    the host, a sync, and a graph break under torch.compile. A caller that tolerates empty groups
+    (``empty_groups_ok``: every per-group statistic masked by ``counts > 0``) gets, under
+    torch.compile or a CUDA graph capture, the same labels built on the device and ``n_seq`` (a
+    bound known from the shapes) as the number of groups: labels past the true count are empty.
+    """
     if group_ids is not None:
         if not isinstance(group_ids, torch.Tensor):
             raise TypeError(f"group_ids: expected a torch.Tensor, got {type(group_ids).__name__}")
@@ -130,6 +139,8 @@ def group_index(n_seq: int, group_size: Optional[int], group_ids: Optional[torch
             raise ValueError(f"group_ids: expected shape ({n_seq},) (one id per sequence), got {_fmt(group_ids)}")
         if group_ids.device != torch.device(device):
             raise ValueError(f"group_ids: expected device {device}, got {group_ids.device}")
+        if empty_groups_ok and (torch.compiler.is_compiling() or _capturing(group_ids)):
+            return _sorted_labels(group_ids.long()), n_seq
         uniq, inverse = torch.unique(group_ids, return_inverse=True)
         return inverse, int(uniq.numel())
     if group_size is None:
@@ -144,6 +155,16 @@ def group_index(n_seq: int, group_size: Optional[int], group_ids: Optional[torch
             "(groups must be whole)")
     grp = torch.arange(n_seq, device=device) // group_size
     return grp, n_seq // group_size
+
+
+def _sorted_labels(ids: torch.Tensor) -> torch.Tensor:
+    """torch.unique's ``inverse`` without its data-dependent size: the rank of each id among the
+    distinct ids, from a stable sort and a running count of where the sorted ids change."""
+    sorted_ids, order = torch.sort(ids, stable=True)
+    new = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    labels = new.long().cumsum(0) - 1
+    return torch.empty_like(labels).scatter_(0, order, labels)
 
 
 def nonfinite_rows(active: torch.Tensor, *per_token: Optional[torch.Tensor]) -> torch.Tensor:
@@ -175,10 +196,11 @@ def group_mean_std(x: torch.Tensor, grp: torch.Tensor, n_groups: int, counts: to
     ``counts`` is the group size per group (same dtype as ``x``). Unbiased std divides by
     ``G - 1`` (clamped to >= 1); groups of one get std 0 here: callers apply their own G = 1 rule.
     """
-    mean = group_sum(x, grp, n_groups) / counts
+    # clamp_min(1): an empty group (group_index's empty_groups_ok) gets 0, not NaN; no-op otherwise
+    mean = group_sum(x, grp, n_groups) / counts.clamp_min(1)
     dev = x - mean.index_select(0, grp)
     ss = group_sum(dev * dev, grp, n_groups)
-    denom = (counts - 1).clamp_min(1) if std == "unbiased" else counts
+    denom = (counts - 1).clamp_min(1) if std == "unbiased" else counts.clamp_min(1)
     return mean, safe_sqrt(ss / denom)
 
 

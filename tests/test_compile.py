@@ -272,23 +272,60 @@ def test_loss_front_end_fullgraph_dynamic(name, layout, monkeypatch):
         else:
             (h, w, t, a, r), kw = _front_inputs(B, seed=B), {}
         with monkeypatch.context() as m:
-            m.setattr("gift_fast.logprobs._must_not_sync", lambda hidden: True)
+            m.setattr("gift_fast.logprobs.must_not_sync", lambda hidden: True)
             want_loss, want_metrics = fn(h, w, t, a, r, **kw)
             want = torch.autograd.grad(want_loss, (h, w))
-        with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            if i == 0:
-                compiled(h, w, t, a, r, **kw)
-            with count_host_syncs() as syncs:
-                loss, metrics = compiled(h, w, t, a, r, **kw)
-                got = torch.autograd.grad(loss, (h, w))
-        assert sum(syncs.values()) == 0, dict(syncs)
-        assert torch.equal(loss, want_loss)
-        assert metrics.keys() == want_metrics.keys()
-        for k in metrics:
-            assert torch.equal(metrics[k], want_metrics[k]), k
-        for g, ref in zip(got, want):
-            assert torch.equal(g, ref)
+        _compiled_loss_equals(compiled, (h, w, t, a, r), kw, (h, w), i == 0,
+                              want_loss, want_metrics, want)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def _aot_eager_without_data_dependent_shapes(found: list):
+    """The aot_eager backend, recording every node of the dynamo graph whose value has a
+    data-dependent (unbacked) size: such a size is read from the device, a host sync the Python
+    spy of count_host_syncs cannot see (it happens inside the op, e.g. torch.unique)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if value is not None and free_unbacked_symbols(value):
+                found.append(node.format_node())
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
+def _compile_fullgraph_dynamic(fn):
+    """(compiled fn, list of data-dependent-size nodes it fills, dynamo counters), after a reset
+    of dynamo and of its counters."""
+    torch._dynamo.reset()
+    data_dependent = []
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True,
+                             backend=_aot_eager_without_data_dependent_shapes(data_dependent))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    return compiled, data_dependent, counters
+
+
+def _compiled_loss_equals(compiled, args, kw, leaves, first, want_loss, want_metrics, want):
+    """Runs ``compiled(*args, **kw)`` -> (loss, metrics) and its gradients w.r.t. ``leaves``
+    (compiling at the first batch size, outside the sync count; after it any recompilation
+    raises): no host sync, and loss, metrics and gradients equal ``want_*`` bit for bit.
+    Returns (loss, gradients)."""
+    with torch._dynamo.config.patch(error_on_recompile=not first):
+        if first:
+            compiled(*args, **kw)
+        with count_host_syncs() as syncs:
+            loss, metrics = compiled(*args, **kw)
+            got = torch.autograd.grad(loss, leaves)
+    assert sum(syncs.values()) == 0, dict(syncs)
+    assert torch.equal(loss, want_loss)
+    assert metrics.keys() == want_metrics.keys()
+    for k in metrics:
+        assert torch.equal(metrics[k], want_metrics[k]), (k, metrics[k], want_metrics[k])
+    for g, ref in zip(got, want):
+        assert torch.equal(g, ref)
+    return loss, got
 
 
 def test_compiled_value_checks_of_the_epilogues():
@@ -311,3 +348,327 @@ def test_compiled_value_checks_of_the_epilogues():
         fn(h, w, t, a, r, cu_seqlens=bad_cu)
     with pytest.raises(RuntimeError, match="cu_seqlens: expected non-decreasing offsets"):
         compiled(h, w, t, a, r, cu_seqlens=bad_cu)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused triton GIFT op (gift_fast::fused_gift_fwd) through the interpreter on CPU.
+# --------------------------------------------------------------------------------------------
+
+FUSED_GIFT_CASES = {  # name: (gift_loss options, bias, packed)
+    "plain": (dict(), False, False),
+    "drop_T_softcap_bias": (dict(drop_uniform_groups=True, temperature=0.8, softcap=3.0,
+                                 length_norm=0.5), True, False),
+    "sum_biased_packed": (dict(reduction="sum", std="biased", beta=0.7), False, True),
+}
+
+
+def _fused_gift_fn(opts, backend="triton"):
+    # Groups of 3: a group of 2 has loss 0 whenever s and R are in the same order.
+    def fn(h, w, b, t, a, r, **kw):
+        return gf.gift_loss(h, w, t, a, r, group_size=3, bias=b, backend=backend, **opts, **kw)
+    return fn
+
+
+def _fused_gift_inputs(B, bias, packed, seed):
+    # V = 30: no size of the first compile (B = 6, T = 5, H = 8, N = 24 packed) equals another,
+    # which duck sizing would turn into a guard (and a recompile at the next batch size).
+    if packed:
+        h, w, t, a, r, kw = _packed(B, V=30, seed=seed)
+    else:
+        (h, w, t, a, r), kw = _front_inputs(B, V=30, seed=seed), {}
+    r[:3] = 0.5                             # a group of equal rewards (dropped when asked)
+    g = torch.Generator().manual_seed(seed + 100)
+    b = (0.5 * torch.randn(w.shape[0], generator=g)).requires_grad_() if bias else None
+    return h, w, b, t, a, r, kw
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_GIFT_CASES))
+def test_fused_gift_fullgraph_dynamic(case, monkeypatch):
+    """gift_loss on the triton backend (the fused two-phase op) compiles to one graph for three
+    batch sizes with no host sync. Loss, metrics and gradients equal bit for bit the eager op run
+    without row compaction (the same kernels on the same rows), and the default (compacting)
+    eager op within the sum of both paths' rounding bounds from the float64 reference
+    (front_end_rounding_bounds: the compaction changes only the order of the backward's sums)."""
+    from helpers import assert_within, front_end_rounding_bounds
+    opts, bias, packed = FUSED_GIFT_CASES[case]
+    fn = _fused_gift_fn(opts)
+
+    def composed(*args, **kwargs):
+        raise AssertionError("gift_loss took the composed path, not the fused op")
+    compiled, data_dependent, counters = _compile_fullgraph_dynamic(fn)
+    for i, B in enumerate((6, 9, 12)):
+        h, w, b, t, a, r, kw = _fused_gift_inputs(B, bias, packed, seed=B)
+        leaves = [x for x in (h, w, b) if x is not None]
+        with monkeypatch.context() as fused_only:
+            fused_only.setattr("gift_fast.functional.gift_loss", composed)
+            eager_loss, eager_metrics = fn(h, w, b, t, a, r, **kw)
+            eager = torch.autograd.grad(eager_loss, leaves)
+            with monkeypatch.context() as m:
+                m.setattr("gift_fast.logprobs.must_not_sync", lambda hidden: True)
+                want_loss, want_metrics = fn(h, w, b, t, a, r, **kw)
+                want = torch.autograd.grad(want_loss, leaves)
+            loss, got = _compiled_loss_equals(compiled, (h, w, b, t, a, r), kw, leaves, i == 0,
+                                              want_loss, want_metrics, want)
+        # Against the compacting eager op: both float32 paths are within their bounds of exact.
+        bounds = front_end_rounding_bounds(
+            lambda hh, ww, bb, backend: _fused_gift_fn(opts, backend)(
+                hh, ww, bb, t, a.double(), r.double(), **kw),
+            "triton", torch.float32, h, w, b, t)
+        assert_within("loss", loss, eager_loss, 2 * bounds.loss)
+        for name, g, ref in zip(("d_hidden", "d_weight", "d_bias"), got, eager):
+            assert_within(name, g, ref, 2 * getattr(bounds.grads, name))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not data_dependent, data_dependent
+
+
+def test_fused_gift_opcheck():
+    from gift_fast.backends.triton_gift import fused_gift_fwd
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V = 4, 5, 8, 20
+    hidden = torch.randn(B * T, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    bias = torch.randn(V, generator=g)
+    t = torch.randint(0, V, (B * T,), generator=g)
+    t[::3] = -100
+    act = t != -100
+    y = local_targets(t, act)
+    anchor = -3 * torch.rand(B * T, generator=g)
+    rewards = torch.rand(B, generator=g)
+    cu = torch.arange(B + 1) * T
+    group_ptr = torch.arange(0, B + 1, 2)
+    for b, drop, mean in ((None, False, True), (bias, True, False)):
+        torch.library.opcheck(fused_gift_fwd, (
+            hidden.clone().requires_grad_(), weight.clone().requires_grad_(), b, y, act, anchor,
+            rewards, cu, group_ptr, 0.8, 3.0 if b is not None else None, 1.0, 1e-6, 0.5, True,
+            drop, 2, mean))
+
+
+@pytest.mark.parametrize("std,drop", [("unbiased", False), ("biased", True)])
+def test_gift_group_ids_fullgraph_dynamic(std, drop, monkeypatch):
+    """gift_loss with ``group_ids`` (any labels, groups not consecutive, sizes 1 to 3): the
+    compiled graph builds the labels on the device with as many group slots as sequences (the
+    number of distinct ids is data), one graph for three batch sizes, no host sync; loss,
+    metrics and gradients equal eager, which counts the groups with torch.unique. No size in the
+    graph is data-dependent (torch.unique's would be: dynamo captures it under fullgraph with an
+    unbacked size, read from the device)."""
+    def fn(h, w, t, a, r, ids):
+        return gf.gift_loss(h, w, t, a, r, group_ids=ids, std=std, drop_uniform_groups=drop,
+                            backend="torch")
+    compiled, data_dependent, counters = _compile_fullgraph_dynamic(fn)
+    for i, B in enumerate((4, 6, 8)):
+        h, w, t, a, r = _front_inputs(B, seed=B)
+        # Groups of one (40 at B = 4, 77), groups spread over the batch (25, 40 at B >= 6).
+        ids = torch.tensor([40, 10, 10, 25, 40, 40, 77, 25][:B])
+        r[2] = r[1]                              # the group labelled 10 has uniform rewards
+        with monkeypatch.context() as m:
+            m.setattr("gift_fast.logprobs.must_not_sync", lambda hidden: True)
+            want_loss, want_metrics = fn(h, w, t, a, r, ids)
+            want = torch.autograd.grad(want_loss, (h, w))
+        _compiled_loss_equals(compiled, (h, w, t, a, r, ids), {}, (h, w), i == 0, want_loss,
+                              want_metrics, want)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not data_dependent, data_dependent
+
+
+def test_sorted_labels_match_unique():
+    from gift_fast.sequences import _sorted_labels
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 2, 7, 30):
+        ids = torch.randint(-3, 4, (n,), generator=g)
+        _, inverse = torch.unique(ids, return_inverse=True)
+        assert torch.equal(_sorted_labels(ids), inverse)
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary-parallel linear_logprobs compiled, 2 gloo ranks on CPU.
+# --------------------------------------------------------------------------------------------
+
+VP_SIZES = (17, 20)            # uneven shards of V = 37
+
+
+def _vp_rank(rank, world, init_method, out_dir, backend):
+    import json
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from helpers import finish_rank, init_gloo
+    init_gloo(rank, world, 120, init_method=init_method)
+    group = dist.group.WORLD
+    lo = sum(VP_SIZES[:rank])
+    hi = lo + VP_SIZES[rank]
+
+    def step(hidden, weight, targets, c, d):
+        logp, ent = gf.linear_logprobs(hidden, weight, targets, temperature=0.9, softcap=4.0,
+                                       return_entropy=True, backend=backend,
+                                       vocab_parallel_group=group)
+        return logp, ent, (c * logp).sum() + (d * ent).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    report = {"syncs": [], "equal": [], "recompiled": False}
+    for i, B in enumerate((2, 3, 5)):
+        hidden, weight, _, targets, c, d = _inputs(B, V=sum(VP_SIZES), seed=B)
+        shard = weight.detach()[lo:hi].clone().requires_grad_()
+        args = (hidden, shard, targets, c, d)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            if i == 0:        # the first call is compiled: the layout is checked at trace time
+                compiled(*args)
+            with count_host_syncs() as syncs:
+                logp, ent, loss = compiled(*args)
+                got = torch.autograd.grad(loss, (hidden, shard))
+        import gift_fast.logprobs as op_layer
+        saved = op_layer.must_not_sync
+        op_layer.must_not_sync = lambda h: True          # eager without row compaction
+        try:
+            want_logp, want_ent, want_loss = step(*args)
+            want = torch.autograd.grad(want_loss, (hidden, shard))
+        finally:
+            op_layer.must_not_sync = saved
+        report["syncs"].append(dict(syncs))
+        report["equal"].append([bool(torch.equal(logp, want_logp)),
+                                bool(torch.equal(ent, want_ent))]
+                               + [bool(torch.equal(g, w)) for g, w in zip(got, want)])
+    report["graphs"] = counters["stats"]["unique_graphs"]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    finish_rank()
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_vocab_parallel_fullgraph_dynamic(backend, tmp_path):
+    """linear_logprobs with vocab_parallel_group (2 gloo ranks, shards of 17 and 20 rows) under
+    fullgraph/dynamic compile: the shard layout comes from weight.shape, checked once (here at
+    trace time, the first call being compiled); one graph for three batch sizes, no host sync,
+    values and gradients equal the eager sharded op bit for bit (run without row compaction)."""
+    import json
+    from helpers import rendezvous, spawn_and_wait
+    spawn_and_wait(_vp_rank, (2, rendezvous(tmp_path), str(tmp_path), backend), nprocs=2,
+                   timeout_s=300, what="compiled vocab-parallel ranks")
+    for rank in range(2):
+        report = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert all(sum(s.values()) == 0 for s in report["syncs"]), report["syncs"]
+        assert all(all(e) for e in report["equal"]), report["equal"]
+        assert report["graphs"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: no sync in a training step, and a CUDA-graph capture of one (gpu marker: skipped here).
+# --------------------------------------------------------------------------------------------
+
+GPU_B, GPU_T, GPU_H, GPU_V, GPU_LR = 8, 6, 32, 100, 0.1
+GPU_G = 4     # groups of 4: a group of 2 has loss 0 whenever s and R are in the same order
+
+
+def _gpu_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(GPU_B, GPU_T, GPU_H, generator=g)
+    targets = torch.randint(0, GPU_V, (GPU_B, GPU_T), generator=g)
+    targets[:, :2] = -100                              # prompt tokens: rows with no gradient
+    anchor = -3 * torch.rand(GPU_B, GPU_T, generator=g)
+    rewards = torch.rand(GPU_B, generator=g)
+    return [t.cuda() for t in (hidden, targets, anchor, rewards)]
+
+
+def _gpu_head(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = 0.3 * torch.randn(GPU_V, GPU_H, generator=g)
+    head = torch.nn.Linear(GPU_H, GPU_V, bias=False, device="cuda")
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head, torch.optim.SGD(head.parameters(), lr=GPU_LR)
+
+
+def _gift_forward(head, hidden, targets, anchor, rewards):
+    return gf.gift_loss(hidden, head.weight, targets, anchor, rewards, group_size=GPU_G,
+                        backend="triton")[0]
+
+
+def _check_gift_step(loss, grad, weight_before, weight_after, batch):
+    """One SGD step of the fused GIFT loss against an eager step on a copy of the head: loss
+    and gradient within the sum of both float32 paths' rounding bounds from the float64
+    reference (front_end_rounding_bounds, on CPU copies); the update is w - lr * grad, two
+    roundings of at most U32 relative each."""
+    from helpers import assert_within, front_end_rounding_bounds
+    hidden, targets, anchor, rewards = batch
+    ref_head, _ = _gpu_head()
+    with torch.no_grad():
+        ref_head.weight.copy_(weight_before)
+    ref_loss = _gift_forward(ref_head, hidden, targets, anchor, rewards)
+    ref_grad, = torch.autograd.grad(ref_loss, ref_head.weight)
+    cpu = [t.detach().cpu() for t in (hidden, weight_before, targets, anchor, rewards)]
+    h, w, t, a, r = cpu
+    bounds = front_end_rounding_bounds(
+        lambda hh, ww, bb, backend: gf.gift_loss(hh, ww, t, a.double(), r.double(),
+                                                 group_size=GPU_G, backend=backend),
+        "triton", torch.float32, h, w, None, t)
+    assert_within("loss", loss.cpu(), ref_loss.detach().cpu(), 2 * bounds.loss)
+    assert_within("d_weight", grad.cpu(), ref_grad.cpu(), 2 * bounds.grads.d_weight)
+    want = weight_before - GPU_LR * grad
+    limit = 2 * U32 * (weight_before.abs() + GPU_LR * grad.abs())
+    assert ((weight_after - want).abs() <= limit).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_cuda_compiled_training_step_has_no_sync(compiler):
+    """A compiled fused-GIFT forward, its backward and an SGD step on a tiny linear head under
+    torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    torch._dynamo.reset()
+    head, opt = _gpu_head()
+    forward = torch.compile(_gift_forward, fullgraph=True, dynamic=True, backend=compiler)
+    warm = _gpu_batch(0)
+    forward(head, *warm).backward()                 # compiles outside the sync check
+    opt.zero_grad(set_to_none=True)
+    batch = _gpu_batch(1)
+    before = head.weight.detach().clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = forward(head, *batch)
+        loss.backward()
+        grad = head.weight.grad.detach().clone()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    _check_gift_step(loss.detach(), grad, before, head.weight.detach(), batch)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay_of_a_training_step():
+    """The eager fused-GIFT step (forward, backward, SGD step) captured in a CUDA graph with
+    static inputs: inside the capture the value checks and the row compaction are skipped (no
+    host read), and each replay on new data copied into the static inputs equals an eager step."""
+    head, opt = _gpu_head()
+    static = _gpu_batch(0)
+
+    def step():
+        loss = _gift_forward(head, *static)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                  # warm-up: Triton compiles, allocator settles
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for seed in (1, 2):
+        batch = _gpu_batch(seed)
+        for dst, src in zip(static, batch):
+            dst.copy_(src)
+        before = head.weight.detach().clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        # The captured backward writes .grad in place (the capture saw no earlier gradient).
+        _check_gift_step(static_loss, head.weight.grad.detach().clone(), before,
+                         head.weight.detach(), batch)

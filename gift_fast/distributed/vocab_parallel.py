@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends.protocol import RowStats
+from ..validation import _capturing
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def targets_fingerprint(targets: torch.Tensor) -> torch.Tensor:
 
 def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
                 vocab_start_index: Optional[int] = None,
-                targets: Optional[torch.Tensor] = None) -> VocabShard:
+                targets: Optional[torch.Tensor] = None,
+                weight: Optional[torch.Tensor] = None) -> VocabShard:
     """Learns every rank's shard with one ``all_gather`` of (start, size, rows, fingerprint of
     the targets) per rank.
 
@@ -76,12 +78,30 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
     with it, each rank states its own start (all ranks must give it) and the shards may be in any
     rank order. Either way they must tile [0, V) exactly, and every rank must have the same rows
     and (if given) the same targets; otherwise every rank raises the same ValueError.
+
+    Under torch.compile (``weight``: this rank's shard, for its size at trace time) or a CUDA
+    graph capture, the layout, which depends on the shard sizes only, is the one checked once
+    per (group, shard rows, start) and no collective runs here.
     """
     _check_group(group)
     if vocab_start_index is not None and (
             not isinstance(vocab_start_index, int) or isinstance(vocab_start_index, bool)
             or vocab_start_index < 0):
         raise ValueError(f"vocab_start_index: expected an int >= 0, got {vocab_start_index!r}")
+    if torch.compiler.is_compiling() or (targets is not None and _capturing(targets)):
+        # No host read here: the layout is static (it depends on weight.shape only), so it is
+        # read from the table checked once per (group, rows, start); the per-call checks of
+        # equal rows and targets on every rank are not made (as the other value checks).
+        start, size, vocab_size, rank, world = _static_layout(
+            group.group_name, weight, vocab_start_index)
+        torch._check(local_vocab == size)        # a guard: another shard size recompiles
+        return VocabShard(start=start, size=size, vocab_size=vocab_size, rank=rank,
+                          world_size=world)
+    return _checked_shard(group, local_vocab, n_rows, device, vocab_start_index, targets)
+
+
+def _checked_shard(group, local_vocab, n_rows, device, vocab_start_index, targets) -> VocabShard:
+    """:func:`vocab_shard` in eager mode: one all_gather, read on the host, and every check."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     start = -1 if vocab_start_index is None else vocab_start_index
     mine = torch.zeros(4, dtype=torch.int64, device=device)
@@ -120,8 +140,36 @@ def vocab_shard(group, local_vocab: int, n_rows: int, device: torch.device,
             raise ValueError(f"weight: the vocabulary shards of vocab_parallel_group must be "
                              f"non-empty and tile [0, V) without gaps or overlaps, got {desc}")
         pos = hi
-    return VocabShard(start=starts[rank], size=local_vocab, vocab_size=pos, rank=rank,
-                      world_size=world)
+    shard = VocabShard(start=starts[rank], size=local_vocab, vocab_size=pos, rank=rank,
+                       world_size=world)
+    _LAYOUTS[_layout_key(group, local_vocab, vocab_start_index)] = shard
+    return shard
+
+
+# _layout_key -> VocabShard, from a checked all_gather.
+_LAYOUTS: dict = {}
+
+
+def _layout_key(group, local_vocab: int, vocab_start_index: Optional[int]) -> tuple:
+    # World size and rank too: a group destroyed and created again may reuse its name.
+    return (group.group_name, dist.get_world_size(group), dist.get_rank(group), local_vocab,
+            vocab_start_index)
+
+
+@torch.compiler.assume_constant_result
+def _static_layout(group_name: str, weight: torch.Tensor, vocab_start_index: Optional[int]):
+    """(start, size, vocab_size, rank, world_size) of this rank's shard ``weight``, for a
+    compiled graph: dynamo runs this at trace time on the real shard and keeps the result as
+    constants. The first time (per group, rows and start) it runs the eager check, one
+    all_gather: every rank traces its first call at the same point, so the collectives match.
+    Under a CUDA graph capture it runs eagerly: the layout must have been checked before (the
+    eager warm-up calls a capture needs anyway)."""
+    group = group_of(group_name)
+    key = _layout_key(group, weight.shape[0], vocab_start_index)
+    if key not in _LAYOUTS:
+        _checked_shard(group, weight.shape[0], 0, weight.device, vocab_start_index, None)
+    s = _LAYOUTS[key]
+    return s.start, s.size, s.vocab_size, s.rank, s.world_size
 
 
 def group_of(name: str):

@@ -138,11 +138,12 @@ def gift_loss_from_logps(logps: torch.Tensor, anchor_logps: torch.Tensor, reward
         if data_parallel_world(data_parallel_group)[0] > 1:     # a count over the whole batch
             torch.distributed.all_reduce(n_bad, group=data_parallel_group)
     n_seq = s.shape[0]
-    grp, n_groups = group_index(n_seq, group_size, group_ids, logps.device)
+    grp, n_groups = group_index(n_seq, group_size, group_ids, logps.device, empty_groups_ok=True)
 
     adv = gift_advantages(r, grp, n_groups, eps, std)
     imp = gift_implicit_z(s, grp, n_groups, eps, std, detach_stats)
     a, z, counts = adv.value, imp.value, adv.counts
+    present = counts > 0           # all but the empty groups of a compiled group_ids batch
     uniform_g = uniform_groups(r, grp, n_groups)
 
     per = (a - beta * z) ** 2
@@ -165,7 +166,7 @@ def gift_loss_from_logps(logps: torch.Tensor, anchor_logps: torch.Tensor, reward
         rho = torch.where(defined, cov / torch.sqrt(torch.where(defined, vr * vs, 1.0)), 0.0)
         n_def = defined.to(acc).sum()
         multi = (counts > 1).to(acc)
-        n_div, g_div = max(n_seq, 1), max(n_groups, 1)     # an empty batch gives 0, not NaN
+        n_div, g_div = max(n_seq, 1), present.sum().clamp_min(1)   # empty batch: 0, not NaN
         metrics = {
             "adv_mean": (a.sum() / n_div).float(),
             "z_mean": (z.detach().sum() / n_div).float(),
@@ -173,8 +174,8 @@ def gift_loss_from_logps(logps: torch.Tensor, anchor_logps: torch.Tensor, reward
             "implicit_std": ((imp.std.detach() * multi).sum() / multi.sum().clamp_min(1)).float(),
             "correlation": (rho.sum() / n_def.clamp_min(1)).float(),
             "uniform_reward_frac": uniform_g.to(torch.float32).sum() / g_div,
-            "loss_groups": (~uniform_g).to(torch.float32).sum() if drop_uniform_groups
-            else torch.tensor(float(n_groups), device=lp.device),
+            "loss_groups": (~uniform_g & present).to(torch.float32).sum() if drop_uniform_groups
+            else present.to(torch.float32).sum(),
             "nonfinite_rows": n_bad,
         }
     return loss, metrics
