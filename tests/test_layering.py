@@ -24,6 +24,9 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("backends", ("gift_fast.backends",)),
     ("distributed primitives", ("gift_fast.distributed",)),
     ("op", ("gift_fast.logprobs",)),
+    # the fused loss ops are built from the op's custom ops (fused GIFT's backward is
+    # linear_logprobs_bwd), so they sit above it although their files live with the backends
+    ("fused loss ops", ("gift_fast.backends.triton_gift", "gift_fast.backends.triton_token_local")),
     # ``gift_fast`` itself (exactly): the public facade re-exporting the op and the losses
     ("losses", ("gift_fast.losses", "gift_fast.functional", "gift_fast.modules", "gift_fast")),
     ("adapters, integrations and tools", ("gift_fast.integrations", "gift_fast.compile_targets",
