@@ -50,15 +50,20 @@ def _mean_logits(hidden, weight, bias, softcap, temperature):
         return total / (weight.shape[0] * temperature)
 
 
-def _fused_head_outputs(hidden, weight, bias, targets, softcap, temperature, outputs, backend):
-    """Per-token fields of TRL's ``FusedCausalLMOutput`` for already compacted rows."""
+def _fused_head_outputs(hidden, weight, bias, targets, mask, softcap, temperature, outputs,
+                        backend):
+    """Per-token fields of TRL's ``FusedCausalLMOutput`` for every row, zero where not ``mask``.
+
+    Every row goes through the op (the ignored ones as ``-100`` targets, which it skips in eager
+    mode and runs with zero gradient under compile): compacting the rows here (``hidden[mask]``)
+    would give a data-dependent shape, a graph break and a host sync under ``torch.compile``."""
     want_entropy, want_top1 = "entropy" in outputs, "is_top1" in outputs
     res = linear_logprobs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                           return_entropy=want_entropy, return_argmax=want_top1, backend=backend)
     res = list(res) if isinstance(res, tuple) else [res]
     logp = res.pop(0)
     entropy = res.pop(0) if want_entropy else None
-    is_top1 = (res.pop(0) == targets) if want_top1 else None
+    is_top1 = (res.pop(0) == targets) & mask if want_top1 else None
     log_sum_sq = mean_logits = None
     if "log_sum_sq_probs" in outputs:
         # log sum_v p_v^2 = lse(2z) - 2 lse(z) = 2 logp(T) - logp(T/2): one more no-grad pass
@@ -68,7 +73,9 @@ def _fused_head_outputs(hidden, weight, bias, targets, softcap, temperature, out
             log_sum_sq = 2 * logp.detach() - half
     if "mean_logits" in outputs:
         mean_logits = _mean_logits(hidden, weight, bias, softcap, temperature)
-    return logp, entropy, log_sum_sq, mean_logits, is_top1
+    # where(), not a multiply: a masked row's value is not used, even if it is not finite
+    return tuple(None if x is None else torch.where(mask, x, 0.0)
+                 for x in (logp, entropy, log_sum_sq, mean_logits)) + (is_top1,)
 
 
 def _check_not_zero3():
@@ -138,15 +145,11 @@ def add_gift_fast_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
                 if head_loss is not None:
                     return head_loss(h, w, targets, bias=b, softcap=head.softcap,
                                      temperature=temperature)
-                return _fused_head_outputs(h[mask], w, b, targets[mask], head.softcap,
-                                           temperature, outputs, backend)
+                return _fused_head_outputs(h, w, b, targets, mask, head.softcap, temperature,
+                                           outputs, backend)
         if head_loss is not None:
             return FusedCausalLMOutput(loss=head.apply(hidden, fused_head), label_mask=mask)
-        rows = head.apply(hidden, fused_head)
-        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss)
-        per_token = [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
-                     for x in rows]
-        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = per_token
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = head.apply(hidden, fused_head)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs,
                                    entropy=entropy, log_sum_sq_probs=log_sum_sq,
