@@ -159,8 +159,16 @@ def add_gift_fast_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
     model.forward = types.MethodType(forward, model)
 
 
+def _uncompiled(model):
+    """The module a ``torch.compile`` wrapper runs (accelerate compiles the reference model when
+    the trainer is built with ``torch_compile=True``): patching the wrapper's own ``forward``
+    would replace the compiled call with an eager one."""
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
 def _policy(model):
     """The model TRL patched: the base model under PEFT (as TRL does), else the model."""
+    model = _uncompiled(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -182,7 +190,7 @@ def use_gift_fast(trainer, backend: str = "auto"):
                         f"{type(trainer).__name__}")
     add_gift_fast_lm_head(_policy(trainer.model), backend=backend, **policy)
     if getattr(trainer, "ref_model", None) is not None:
-        add_gift_fast_lm_head(trainer.ref_model, backend=backend, **ref)
+        add_gift_fast_lm_head(_uncompiled(trainer.ref_model), backend=backend, **ref)
     return trainer
 
 
@@ -296,6 +304,26 @@ class GIFTTrainer(GRPOTrainer):
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     # -- the loss -------------------------------------------------------------------------------
+    def _head_loss(self, anchor, rewards, group):
+        """The ``head_loss`` of one micro-batch: ``(loss, metrics)`` of :func:`gift_loss`, run by
+        the patched forward on the folded head. ``anchor`` None: the anchor is this forward's own
+        log-probs without gradient (pi_old == pi_theta when each rollout is used once)."""
+        args = self.args
+
+        def head_loss(hidden, weight, targets, bias=None, softcap=None, temperature=1.0):
+            anchor_logps = anchor
+            if anchor_logps is None:
+                with torch.no_grad():
+                    anchor_logps = linear_logprobs(hidden, weight, targets, bias,
+                                                   temperature=temperature, softcap=softcap,
+                                                   backend=args.gift_backend)
+            return gift_loss(hidden, weight, targets, anchor_logps, rewards, group_size=group,
+                             bias=bias, beta=self.gift_beta, eps=args.epsilon, std=args.std,
+                             detach_stats=args.detach_stats, length_norm=args.length_norm,
+                             drop_uniform_groups=args.drop_uniform_groups,
+                             temperature=temperature, softcap=softcap, backend=args.gift_backend)
+        return head_loss
+
     def _compute_loss(self, model, inputs):
         args = self.args
         mode = "train" if self.model.training else "eval"
@@ -310,22 +338,8 @@ class GIFTTrainer(GRPOTrainer):
                             completion_ids.masked_fill(mask == 0, -100)], dim=1)
         anchor = inputs.get("ref_per_token_logps" if args.anchor == "ref"
                             else "old_per_token_logps")
-        rewards = inputs["gift_rewards"]
         group = self.num_generations if mode == "train" else self.num_generations_eval
-
-        def head_loss(hidden, weight, targets, bias=None, softcap=None, temperature=1.0):
-            anchor_logps = anchor
-            if anchor_logps is None:   # pi_old == pi_theta this step: the same batch, no gradient
-                with torch.no_grad():
-                    anchor_logps = linear_logprobs(hidden, weight, targets, bias,
-                                                   temperature=temperature, softcap=softcap,
-                                                   backend=args.gift_backend)
-            return gift_loss(hidden, weight, targets, anchor_logps, rewards, group_size=group,
-                             bias=bias, beta=self.gift_beta, eps=args.epsilon, std=args.std,
-                             detach_stats=args.detach_stats, length_norm=args.length_norm,
-                             drop_uniform_groups=args.drop_uniform_groups,
-                             temperature=temperature, softcap=softcap, backend=args.gift_backend)
-
+        head_loss = self._head_loss(anchor, inputs["gift_rewards"], group)
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                         fused_lm_head=True, logits_to_keep=keep, head_loss=head_loss)
