@@ -70,19 +70,17 @@ def epilogue_sft(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
 
 def epilogue_gift(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
     """docs/losses.md, GIFT, authors' defaults: anchor = old log-probs, beta 1, eps 1e-6, unbiased
-    std, sum over tokens (p = 0), detached group statistics, mean over sequences."""
+    std, sum over tokens (p = 0), detached group statistics, mean over sequences. The group
+    statistics are the library's (gift_fast.losses.gift), the one implementation of the
+    authors' rules."""
+    from gift_fast.losses.gift import gift_advantages, gift_implicit_z
     m = inp.mask.to(lp.dtype)
-    g = inp.layout.group_size
-    s = _seq_sum(lp - inp.anchor_logps.to(lp.dtype), m).view(-1, g)
-    r = inp.rewards.to(lp.dtype).view(-1, g)
-    if g > 1:
-        s_mean, s_std = s.mean(1, keepdim=True).detach(), s.std(1, keepdim=True).detach()
-        r_mean, r_std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
-    else:
-        s_mean, s_std = s.detach(), torch.ones_like(s)
-        r_mean, r_std = torch.zeros_like(r), torch.ones_like(r)
-    z = (s - s_mean) / (s_std + GIFT_EPS)
-    a = (r - r_mean) / (r_std + GIFT_EPS)
+    s = _seq_sum(lp - inp.anchor_logps.to(lp.dtype), m)
+    r = inp.rewards.to(lp.dtype)
+    grp = torch.arange(s.shape[0], device=s.device) // inp.layout.group_size
+    n_groups = s.shape[0] // inp.layout.group_size
+    a = gift_advantages(r, grp, n_groups, GIFT_EPS).value
+    z = gift_implicit_z(s, grp, n_groups, GIFT_EPS).value
     return ((a - GIFT_BETA * z) ** 2).mean()
 
 

@@ -1,5 +1,5 @@
 """Cost MODEL of gift_fast's Triton ops and of the peers' algorithms. A model, never a measurement:
-nothing here has run on a GPU. Every output (table, markdown, JSON) says so.
+every output (table, markdown, JSON) says so (MODEL_LABEL).
 
     python -m bench.model --n 8192 --h 4096 --v 151936             # markdown tables, bf16, all GPUs
     python -m bench.model --n 8192 --h 4096 --v 151936 --gpu h100 --live-frac 0.5 --json

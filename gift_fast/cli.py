@@ -137,6 +137,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--threads", type=_positive_int, default=None,
                      help="torch CPU threads (unset: torch's default); results differ in the last "
                           "bits between thread counts")
+    out.add_argument("--compile", action="store_true",
+                     help="torch.compile the training step (model forward + fused loss head); the "
+                          "first steps of each phase pay the compilation")
     out.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
                      help="data-parallel over N processes: launches torchrun --standalone "
                           "--nproc-per-node N (the same as running this command under torchrun); "
@@ -206,10 +209,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if losses or seeds:
+            from .train.run_dir import StudyDir
             from .train.study import run_study
             study = run_study(cfg, losses or [cfg.loss], seeds or [cfg.seed])
             print(study.table)
-            print(f"table: {os.path.join(study.out_dir, 'compare.md')}")
+            print(f"table: {StudyDir(study.out_dir).file(StudyDir.TABLE)}")
             print(f"runs:  {study.out_dir}")
             if study.plot_path:
                 print(f"plot:  {study.plot_path}")

@@ -121,7 +121,7 @@ def check_not_dtensor(name: str, t, context: str = "") -> None:
         raise TypeError(
             f"{context}{name}: got a DTensor (placements {tuple(t.placements)}), expected a plain "
             "tensor. Under FSDP2 (fully_shard) call the fused loss inside the forward of the root "
-            "FSDP module: wrap the model in gift_fast.distributed.FusedLossModel, or call "
+            "FSDP module: wrap the model in gift_fast.integrations.fsdp.FusedLossModel, or call "
             "gift_fast.integrations.hf.patch_model(model) before fully_shard and then "
             "model(input_ids, token_logprobs=True, ...) (TRL: use_gift_fast / patch_trl); "
             "lm_head may be in the root's unit or its own fully_shard unit. Never pass "

@@ -16,8 +16,10 @@ import torch.distributed as dist
 
 import gift_fast.functional as Fn
 from gift_fast import GIFTLoss, gift_loss, grpo_loss, linear_logprobs
-from gift_fast.distributed import FusedLossModel, demo
-from gift_fast.distributed.demo import TinyLM
+from gift_fast.integrations.fsdp import FusedLossModel
+
+import data_parallel_gift as demo
+from data_parallel_gift import TinyLM
 
 import reference_losses as R
 from helpers import finish_rank, init_gloo
@@ -355,7 +357,7 @@ def case_fsdp2(res: Results, world: int, rank: int) -> None:
 
 
 def case_demo(res: Results, world: int, rank: int) -> None:
-    """gift_fast.distributed.demo (the torchrun check in docs/distributed.md), several steps."""
+    """examples/data_parallel_gift.py (the torchrun check in docs/distributed.md), several steps."""
     for wrap in ("ddp", "fsdp2"):
         losses, single_losses, diff = demo.check(wrap, steps=2)
         if rank == 0:

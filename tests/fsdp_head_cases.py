@@ -4,7 +4,7 @@ tests/test_fsdp_lm_head.py).
 Two layouts of ``fully_shard``: every decoder layer and the root, with lm_head in the root's unit
 ("root"), or lm_head given its own ``fully_shard`` as well ("own"). For each of the three ways the
 library puts the fused head inside the root's forward (``hf.patch_model``,
-``distributed.FusedLossModel`` and TRL's patched forward ``trl.add_gift_fast_lm_head``, which
+``integrations.fsdp.FusedLossModel`` and TRL's patched forward ``trl.add_gift_fast_lm_head``, which
 ``use_gift_fast`` / ``patch_trl`` install on the trainers' models), every rank runs its uneven
 share of the batch, and values and gradients (``full_tensor()``) are compared with the unwrapped
 model on the whole batch in one process. Rank 0 writes the max abs differences (MAX over ranks),
@@ -177,7 +177,7 @@ def case_patch_model(rep, rank, world):
 
 def case_fused_loss_model(rep, rank, world):
     from gift_fast import gift_loss
-    from gift_fast.distributed import FusedLossModel
+    from gift_fast.integrations.fsdp import FusedLossModel
     from gift_fast.integrations.hf import next_token_targets
     from torch.distributed.fsdp import fully_shard
     ids, mask, anchor, rewards = _batch()

@@ -636,13 +636,13 @@ def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targe
                               shard_sizes=None, oracle_rounds_outputs=False,
                               input_errors=()) -> LossBounds:
     """loss_rounding_bounds for a loss front-end ``front(hidden, weight, bias, backend=...)``
-    (gift_fast.losses): its policy log-probs (``_policy_logps``, the one entry point of every
-    front-end) are replaced by exact float64 ones carrying the backend's rounding bounds (with
+    (gift_fast.losses): its policy log-probs (``common.policy_logps``, the one entry point of
+    every front-end) are replaced by exact float64 ones carrying the backend's rounding bounds (with
     the temperature and softcap the front-end asks for), and the rest of the front-end runs in
     float64 under ErrorBounds. ``shard_sizes``: the log-probs come from a vocabulary-parallel
     lm_head with these shards; ``oracle_rounds_outputs``: as in backend_rounding_bounds;
     ``input_errors``: (tensor, bound) pairs for other inputs of the front-end that carry errors."""
-    import gift_fast.losses as losses
+    import gift_fast.losses.common as losses
     from gift_fast import linear_logprobs
     h, w = hidden.detach().double(), weight.detach().double()
     b = bias.detach().double() if bias is not None else None
@@ -662,8 +662,8 @@ def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targe
                                                 ignore_index=ignore_index))
         return lp
 
-    saved = losses._policy_logps
-    losses._policy_logps = exact_logps
+    saved = losses.policy_logps
+    losses.policy_logps = exact_logps
     try:
         with ErrorBounds(U32) as eb:
             for t, err in input_errors:
@@ -671,7 +671,7 @@ def front_end_rounding_bounds(front, backend, dtype, hidden, weight, bias, targe
             loss, metrics = front(h, w, b, backend="torch")
             g, = torch.autograd.grad(loss, seen["lp"])
     finally:
-        losses._policy_logps = saved
+        losses.policy_logps = saved
     d_metrics = {k: eb.get(v) for k, v in metrics.items()
                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
     grads = backend_rounding_bounds(backend, dtype, hidden, weight, bias, seen["targets"],

@@ -225,7 +225,7 @@ FRONTS = {
     "gift_uniform_drop": lambda h, w, t, a, r, **kw: gf.gift_loss(
         h, w, t, a, r, group_size=2, drop_uniform_groups=True, softcap=3.0, backend="torch", **kw),
     "grpo": lambda h, w, t, a, r, **kw: gf.grpo_loss(
-        h, w, t, a, r - r.mean(), ref_logps=a, beta=0.1, backend="torch", **kw),
+        h, w, t, a, r - r.mean(), kl_ref_logps=a, beta=0.1, backend="torch", **kw),
     "dpo": lambda h, w, t, a, r, **kw: gf.dpo_loss(h, w, t, a, softcap=2.0, backend="torch", **kw),
     "ipo": lambda h, w, t, a, r, **kw: gf.ipo_loss(h, w, t, a, backend="torch", **kw),
     "simpo": lambda h, w, t, a, r, **kw: gf.simpo_loss(

@@ -2,8 +2,7 @@
 
 One spawn per world size runs every case of tests/distributed_cases.py (uneven shares of the
 batch, a GIFT group split across ranks) and reports max abs differences against the
-single-process computation on the whole batch. NCCL on GPUs runs the same code but is not tested
-here.
+single-process computation on the whole batch.
 """
 import json
 import os
@@ -81,8 +80,8 @@ def test_fused_loss_model_equals_direct_call_and_checks_its_model():
     from torch import nn
 
     from gift_fast import gift_loss
-    from gift_fast.distributed import FusedLossModel
-    from gift_fast.distributed.demo import TinyLM, global_batch
+    from data_parallel_gift import TinyLM, global_batch
+    from gift_fast.integrations.fsdp import FusedLossModel
 
     inputs, targets, anchor, rewards, gid = global_batch(6)
     torch.manual_seed(0)

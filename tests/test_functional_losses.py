@@ -188,7 +188,7 @@ def test_grpo_matches_spec(loss_type, beta):
     logps, old, mask, rewards = make_batch(B, T, seed=10, empty=(1,))
     ref_lp = torch.where(mask, logps.detach() + 0.2 * torch.randn(B, T, dtype=F64), 0.0)
     adv = Fn.group_advantages(rewards, 3)
-    ours, m = Fn.grpo_loss(logps, old, adv, mask=mask, ref_logps=ref_lp, beta=beta,
+    ours, m = Fn.grpo_loss(logps, old, adv, mask=mask, kl_ref_logps=ref_lp, beta=beta,
                            loss_type=loss_type, epsilon_high=0.28)
     ref = R.grpo(R.split_padded(logps, mask), R.split_padded(old, mask), adv,
                  R.split_padded(ref_lp, mask), beta=beta, eh=0.28, loss_type=loss_type, max_len=T)
@@ -234,7 +234,7 @@ def test_dpo_ipo_simpo_match_spec():
         ours, m = Fn.dpo_loss(logps, ref, mask=mask, beta=0.3, label_smoothing=ls)
         check_pair(ours, R.dpo(seqs, refs, beta=0.3, ls=ls), logps)
     for ln in (True, False):
-        ours, _ = Fn.ipo_loss(logps, ref, mask=mask, beta=0.2, length_normalized=ln)
+        ours, _ = Fn.ipo_loss(logps, ref, mask=mask, beta=0.2, length_norm=float(ln))
         check_pair(ours, R.ipo(seqs, refs, beta=0.2, length_normalized=ln), logps)
     for sw in (0.0, 0.5):
         ours, m = Fn.simpo_loss(logps, mask=mask, sft_weight=sw)
@@ -352,8 +352,8 @@ def test_gradcheck_every_epilogue():
     _gc(lambda x: Fn.gift_loss(x, an, rw, mask=mask, group_size=3, detach_stats=False)[0], lp)
     _gc(lambda x: Fn.gift_loss(x, an, rw, mask=mask, group_size=3, detach_stats=False, std="biased",
                                length_norm=1.0, eps=1e-3)[0], lp)
-    _gc(lambda x: Fn.grpo_loss(x, an, rw, mask=mask, ref_logps=an, beta=0.1, loss_type="grpo")[0], lp)
-    _gc(lambda x: Fn.grpo_loss(x, an, rw, mask=mask, ref_logps=an, beta=0.1)[0], lp)
+    _gc(lambda x: Fn.grpo_loss(x, an, rw, mask=mask, kl_ref_logps=an, beta=0.1, loss_type="grpo")[0], lp)
+    _gc(lambda x: Fn.grpo_loss(x, an, rw, mask=mask, kl_ref_logps=an, beta=0.1)[0], lp)
     _gc(lambda x: Fn.dpo_loss(x, an, mask=mask, label_smoothing=0.1)[0], lp)
     _gc(lambda x: Fn.ipo_loss(x, an, mask=mask)[0], lp)
     _gc(lambda x: Fn.simpo_loss(x, mask=mask, sft_weight=0.3)[0], lp)
@@ -411,7 +411,7 @@ def test_bad_inputs_raise_clear_errors():
         Fn.fdiv_sft_loss(lp, an, divergence="chi2")
     with pytest.raises(ValueError, match="loss_type"):
         Fn.grpo_loss(lp, an, rw, loss_type="ppo")
-    with pytest.raises(ValueError, match="ref_logps"):
+    with pytest.raises(ValueError, match="kl_ref_logps"):
         Fn.grpo_loss(lp, an, rw, beta=0.1)
     with pytest.raises(ValueError, match="scores"):
         Fn.una_loss(lp, an, kind="score_mse")

@@ -26,7 +26,7 @@ def _inputs(seed, B=4, T=9, H=24, V=70):
 
 LOSSES = {
     "grpo_dapo_kl": lambda h, w, b, t, old, ref, adv, be: grpo_loss(
-        h, w, t, old, adv, ref_logps=ref, beta=0.04, bias=b, backend=be),
+        h, w, t, old, adv, kl_ref_logps=ref, beta=0.04, bias=b, backend=be),
     "grpo_grpo": lambda h, w, b, t, old, ref, adv, be: grpo_loss(
         h, w, t, old, adv, loss_type="grpo", bias=b, temperature=0.8, backend=be),
     "fdiv_js": lambda h, w, b, t, old, ref, adv, be: fdiv_sft_loss(
@@ -37,7 +37,7 @@ LOSSES = {
 # The same losses on given log-probs (float64 for the bounds): (temperature, loss of logp).
 ON_LOGPS = {
     "grpo_dapo_kl": (1.0, lambda lp, m, old, ref, adv: Fn.grpo_loss(lp, old, adv, mask=m,
-                                                                    ref_logps=ref, beta=0.04)),
+                                                                    kl_ref_logps=ref, beta=0.04)),
     "grpo_grpo": (0.8, lambda lp, m, old, ref, adv: Fn.grpo_loss(lp, old, adv, mask=m,
                                                                  loss_type="grpo")),
     "fdiv_js": (1.0, lambda lp, m, old, ref, adv: Fn.fdiv_sft_loss(lp, ref, mask=m,

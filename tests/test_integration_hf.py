@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gift_fast.integrations.hf import lm_head_of, patch_model, token_logprobs  # noqa: E402
-from helpers import LargestAllocation, count_host_syncs
+from helpers import LargestAllocation, count_host_syncs, init_gloo, rendezvous
 
 V = 97   # not a multiple of any tile or chunk size
 _COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -236,18 +236,15 @@ def test_clear_errors():
     assert lm_head_of(model).softcap is None
 
 
-def test_patched_forward_under_fsdp2_single_process():
+def test_patched_forward_under_fsdp2_single_process(tmp_path):
     """patch_model's forward runs the fused head inside the root module's forward, where FSDP2
     has unsharded the lm_head weight; values and gradients equal the unwrapped model's."""
     dist = pytest.importorskip("torch.distributed")
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("torch.distributed unavailable or already initialised")
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # A file rendezvous: a port picked free and bound later can be taken by another process.
+    init_gloo(0, 1, 60.0, init_method=rendezvous(tmp_path))
     try:
         torch.manual_seed(0)
         cfg = transformers.LlamaConfig(**_COMMON)

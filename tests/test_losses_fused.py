@@ -80,7 +80,7 @@ LOSSES = {
     ),
     "grpo_dapo_kl": (
         lambda h, w, t, b, an, r, be: gf.grpo_loss(h, w, t, an, gf.group_advantages(r, G), bias=b,
-                                                   ref_logps=an * 1.1, beta=0.04, backend=be),
+                                                   kl_ref_logps=an * 1.1, beta=0.04, backend=be),
         lambda lp, m, an, r: R.grpo(_sp(lp, m), _sp(an, m), R.group_adv(r, G), _sp(an * 1.1, m),
                                     beta=0.04),
     ),

@@ -40,7 +40,7 @@ def test_module_equals_front_end(batch, cls, opts, fn, data):
     lin, h, t, an, r = batch
     vals = {"an": an, "r": r}
     args = [vals[k] for k in data]
-    extra = {"ref_logps": an} if cls is gf.GRPOLoss else {}
+    extra = {"kl_ref_logps": an} if cls is gf.GRPOLoss else {}
     mod = cls(backend="torch", **opts)
     h1 = h.clone().requires_grad_(True)
     loss_m, met_m = mod(h1, lin, t, *args, **extra)

@@ -40,7 +40,7 @@ LOSSES = {
     "gift_drop": (lambda h, w, t, an, r, be: gf.gift_loss(h, w, t, an, r, group_size=G, backend=be,
                                                           drop_uniform_groups=True), True, False),
     "grpo": (lambda h, w, t, an, r, be: gf.grpo_loss(h, w, t, an, gf.group_advantages(r, G),
-                                                     ref_logps=an, beta=0.04, backend=be),
+                                                     kl_ref_logps=an, beta=0.04, backend=be),
              True, True),
     "grpo_seqmean": (lambda h, w, t, an, r, be: gf.grpo_loss(h, w, t, an, gf.group_advantages(r, G),
                                                              loss_type="grpo", backend=be),
@@ -263,9 +263,7 @@ def test_functional_gift_and_ift_on_zero_sequences():
 @pytest.mark.parametrize("name", [n for n, spec in LOSSES.items() if spec[1]])
 def test_16bit_anchor_is_refused(name, backend, dtype):
     hidden, weight, targets, anchor, rewards = _data()
-    arg = {"grpo": "old_logps", "grpo_seqmean": "old_logps", "dpo": "ref_logps",
-           "ipo": "ref_logps", "rpo": "ref_logps", "rpo_multi": "ref_logps",
-           "fdiv_js": "ref_logps"}.get(name, "anchor_logps")
+    arg = "anchor_logps"      # one name for the log-probs a ratio is taken against
     got = str(dtype).replace("torch.", "")
     with pytest.raises(TypeError, match=rf"^{arg}: expected float32 \(or float64\) log-probs, "
                                         rf"got {got};"):
@@ -274,9 +272,9 @@ def test_16bit_anchor_is_refused(name, backend, dtype):
 
 def test_16bit_reference_of_grpo_is_refused():
     hidden, weight, targets, anchor, rewards = _data()
-    with pytest.raises(TypeError, match="^ref_logps: expected float32"):
+    with pytest.raises(TypeError, match="^kl_ref_logps: expected float32"):
         gf.grpo_loss(hidden, weight, targets, anchor, gf.group_advantages(rewards, G),
-                     ref_logps=anchor.bfloat16(), beta=0.04)
+                     kl_ref_logps=anchor.bfloat16(), beta=0.04)
     with pytest.raises(TypeError, match="^anchor_logps: expected float32"):
         Fn.gift_loss(anchor.clone(), anchor.half(), rewards, group_size=G)
 

@@ -518,3 +518,85 @@ def test_a_new_run_never_replaces_another_run(tmp_path):
     replaced = train(cfg.replace(overwrite=True, seed=1))
     assert replaced.out_dir == str(run)
     assert (run / "metrics.jsonl").read_bytes() != before["metrics.jsonl"]
+
+
+def test_compile_trains_like_eager_without_graph_breaks(tmp_path, monkeypatch):
+    """``--compile`` (``TrainConfig(compile=True)``) compiles the training step: the model body
+    and gift_fast's fused loss head. Compiled with ``aot_eager`` (dynamo and AOTAutograd decide
+    graphs and breaks as for inductor; inductor's C++ code generation would cost minutes here, see
+    tests/test_compile.py). What is asserted, and why:
+
+    - no graph break anywhere in the compiled step, and both steps ran compiled (one graph for
+      the SFT step, one for the GIFT step, at least);
+    - the first SFT step's loss equals eager's exactly: the same weights and the same batch, and
+      aot_eager runs the forward graph with eager's ATen kernels in eager's order;
+    - at the first RL update the policy is the rollout policy whose (eager, no_grad) log-probs are
+      the anchor, so GIFT's implicit reward beta * (log pi - log pi_anchor) is exactly 0 only if
+      the compiled forward gives eager's log-probs bit for bit: its std must be 0;
+    - the whole run: the same records with the same metric keys, every number finite. Later
+      steps are not compared by value: they sample from weights updated by a backward whose
+      accumulation order the compiled graph may change, and one ulp can change a sample.
+    """
+    import math
+    import torch
+    from torch._dynamo.utils import counters
+    from gift_fast.train import trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", "aot_eager")
+    cfg = TrainConfig(**{**TINY, "sft_steps": 2, "rl_steps": 1, "mini_batches": 1,
+                         "eval_samples": 0, "n_heldout": 8, "plot": False}, sft_until=None)
+    eager = train(cfg.replace(out_dir=str(tmp_path / "eager")))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(cfg.replace(out_dir=str(tmp_path / "compiled"), compile=True))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])
+
+    def numbers(record):
+        for value in record.values():
+            if isinstance(value, dict):
+                yield from numbers(value)
+            elif isinstance(value, float):
+                yield value
+    assert [r["phase"] for r in compiled.records] == [r["phase"] for r in eager.records]
+    for a, b in zip(eager.records, compiled.records):
+        assert a.keys() == b.keys() and a.get("metrics", {}).keys() == b.get("metrics", {}).keys()
+        assert all(math.isfinite(x) for x in numbers(b)), b
+    sft = [r for r in compiled.records if r["phase"] == "sft"]
+    assert sft[0]["loss"] == [r for r in eager.records if r["phase"] == "sft"][0]["loss"]
+    rl = [r for r in compiled.records if r["phase"] == "rl"]
+    assert rl[0]["metrics"]["implicit_std"] == 0.0, rl[0]["metrics"]
+    assert compiled.config.compile and not eager.config.compile
+
+
+def test_cli_compile_flag_sets_the_config():
+    from gift_fast.cli import build_parser, config_from_args
+    parse = lambda *argv: config_from_args(build_parser().parse_args(["train", *argv]))
+    assert parse("--compile").compile is True and parse().compile is False
+
+
+def test_run_directory_file_names_are_spelled_only_in_run_dir():
+    """One owner of the run-directory layout: no string in gift_fast's code (docstrings aside)
+    names a file of a run or study directory except in gift_fast/train/run_dir.py."""
+    import ast
+    import pathlib
+    from gift_fast.train.run_dir import RunDir, StudyDir
+    names = [RunDir.METRICS, RunDir.SUMMARY, RunDir.CONFIG, RunDir.TOKENIZER, RunDir.CURVES,
+             RunDir.MEMORY, RunDir.CHECKPOINT, StudyDir.TABLE, StudyDir.NUMBERS, StudyDir.PLOT,
+             "warmstart-s"]
+    package = pathlib.Path(__file__).resolve().parent.parent / "gift_fast"
+    found = []
+    for path in package.rglob("*.py"):
+        if path.name == "run_dir.py" and path.parent.name == "train":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                           ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docstrings:
+                found += [f"{path.relative_to(package.parent)}:{node.lineno}: {name}"
+                          for name in names if name in node.value]
+    assert not found, found

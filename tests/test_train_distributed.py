@@ -5,7 +5,6 @@
 - end to end: ``torchrun --nproc-per-node 2 -m gift_fast.cli train`` exits 0 and writes one log
   (``--nproc 2`` builds that command: checked without running it);
 - the pieces that need no process group: per-rank streams, batch shares, item counts, records.
-NCCL on GPUs runs the same code but is not tested here.
 """
 import json
 import os

@@ -8,8 +8,6 @@ prints the table (the figures quoted in docs/distributed.md) and checks every di
 elementwise, against the sum of the two computations' rounding bounds (tests/helpers.py: from
 |x|, |W|, |b|, 1/T, H, V, the shard sizes and the unit roundoff; each shard's dX partial is
 rounded to the input dtype before the sum).
-
-NCCL on GPUs runs the same code; it is not tested here (no GPU).
 """
 from __future__ import annotations
 
@@ -185,7 +183,7 @@ def _loss_cases(group, sizes, rank, backend):
         "gift_diffstats": lambda h, w, b, **k: gf.gift_loss(
             h, w, targets, anchor, rewards, group_size=2, bias=b, detach_stats=False,
             length_norm=1.0, **k),
-        "grpo": lambda h, w, b, **k: gf.grpo_loss(h, w, targets, anchor, adv, ref_logps=anchor * 1.1,
+        "grpo": lambda h, w, b, **k: gf.grpo_loss(h, w, targets, anchor, adv, kl_ref_logps=anchor * 1.1,
                                                   beta=0.04, bias=b, **k),
         "dpo": lambda h, w, b, **k: gf.dpo_loss(h, w, targets, anchor, bias=b, **k),
         "ipo": lambda h, w, b, **k: gf.ipo_loss(h, w, targets, anchor, bias=b, **k),

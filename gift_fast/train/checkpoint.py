@@ -8,12 +8,7 @@ import random
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def checkpoint_path(path: str) -> str:
-    """Accepts a checkpoint file or the run directory holding one."""
-    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+from .run_dir import checkpoint_path
 
 
 def save_checkpoint(path: str, *, model, optimizer, step: int, config: dict,

@@ -49,6 +49,7 @@ class TrainConfig:
     memory_report: Optional[bool] = None  # default: on for the qwen2 preset
     device: str = "auto"
     threads: Optional[int] = None
+    compile: bool = False               # torch.compile the training step (model + fused loss)
     progress: bool = True
     plot: bool = True
 
@@ -99,7 +100,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.beta is None or cfg.beta > 0, f"beta: expected > 0 (or unset for the loss's "
          f"default), got {cfg.beta}")
     import os
-    from .checkpoint import checkpoint_path
+    from .run_dir import checkpoint_path
     for name in ("resume", "warm_start"):
         path = getattr(cfg, name)
         need(path is None or os.path.isfile(checkpoint_path(path)),

@@ -5,10 +5,11 @@ Each rank holds ``1/W`` of every batch (whole GIFT groups: a rank samples its ow
 is scaled so that DDP's gradient *average* equals the single-process gradient of the whole batch
 (docs/distributed.md, "DDP and FSDP2: scaling the loss"):
 
-- GIFT: ``gift_loss(..., data_parallel_group=)`` already returns this rank's share of the
-  whole-batch loss (global group statistics and ``N_seq``);
-- every other loss is a mean over items (active tokens, sequences, groups or pairs): its share is
-  ``loss_r * n_r / N`` with ``N`` the all-reduced count;
+- GIFT (its spec's ``global_statistics``): ``gift_loss(..., data_parallel_group=)`` already
+  returns this rank's share of the whole-batch loss (global group statistics and ``N_seq``);
+- every other loss is a mean over items (active tokens, sequences, groups or pairs, as its
+  ``LossSpec`` in gift_fast.losses says): its share is ``loss_r * n_r / N`` with ``N`` the
+  all-reduced count;
 
 then ``backward(share * W)``. Only rank 0 writes logs, plots and checkpoints.
 """
@@ -24,15 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .objectives import best_worst_pairs, compute_loss
+from .objectives import best_worst_pairs, compute_loss, library_loss
 from .rollout import IGNORE_INDEX, Batch
-
-# What each loss averages over (its ``reduction="mean"`` denominator) in the trainer's calls.
-TOKEN_MEAN = ("grpo", "sft", "dft") + tuple(f"fdiv-{d}" for d in
-                                            ("tv", "pearson", "hellinger", "kl", "js"))
-SEQUENCE_MEAN = ("una", "ift")
-GROUP_MEAN = ("rpo",)
-
 
 @dataclass
 class DataParallel:
@@ -113,16 +107,12 @@ def per_rank(total: int, name: str, parallel: Optional[DataParallel]) -> int:
 
 
 def item_count(name: str, batch: Batch) -> int:
-    """How many items this rank's (mini-)batch contributes to loss ``name``'s mean."""
-    if name == "dpo":
-        return best_worst_pairs(batch).numel() // 2
-    if name in GROUP_MEAN:
-        return batch.sequences.shape[0] // max(batch.group_size, 1)
-    if name in SEQUENCE_MEAN:
-        return batch.sequences.shape[0]
-    if name in TOKEN_MEAN:
-        return int((batch.targets != IGNORE_INDEX).sum())
-    raise ValueError(f"loss: no data-parallel normalisation known for {name!r}")
+    """How many items this rank's (mini-)batch contributes to loss ``name``'s mean, as the
+    loss's spec counts them (gift_fast.losses: ``LossSpec.count``)."""
+    spec, options = library_loss(name)
+    # DPO trains on the best/worst pair of each group with distinct rewards.
+    n_seq = best_worst_pairs(batch).numel() if name == "dpo" else batch.sequences.shape[0]
+    return spec.count(batch.targets != IGNORE_INDEX, n_seq, batch.group_size, **options)
 
 
 class LossRoot(nn.Module):
@@ -161,7 +151,7 @@ def data_parallel_loss(root: nn.Module, name: str, batch: Batch, cfg, compute_dt
         loss, metrics = root(name, batch, cfg, compute_dtype)
         return loss, loss, metrics
     group = parallel.process_group
-    if name == "gift":
+    if library_loss(name)[0].global_statistics:     # exact over the whole batch by itself
         loss, metrics = root(name, batch, cfg, compute_dtype, data_parallel_group=group)
         return loss * parallel.world, loss, metrics
     n = item_count(name, batch)

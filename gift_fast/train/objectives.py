@@ -10,47 +10,55 @@ from typing import Dict, Tuple
 import torch
 
 import gift_fast
-from ..logprobs import linear_logprobs
+from ..losses import BY_NAME
+from ..losses.common import LossSpec
+from ..losses.sft import DIVERGENCES
 from .rollout import IGNORE_INDEX, Batch, head_weight, response_hidden
 
 ON_POLICY = ("gift", "grpo", "dpo", "rpo", "una")
-DIVERGENCES = ("tv", "pearson", "hellinger", "kl", "js")
 SUPERVISED = ("sft",) + tuple(f"fdiv-{d}" for d in DIVERGENCES) + ("dft", "ift")
 LOSSES = ON_POLICY + SUPERVISED
 # Losses that need a group of >= 2 sampled responses per prompt to say anything.
 NEEDS_GROUPS = ("gift", "grpo", "dpo", "rpo")
 
 
-def _library(name: str):
-    fn = getattr(gift_fast, name, None)
-    if fn is None:
-        raise RuntimeError(f"gift_fast.{name} is not available in this build of gift_fast")
-    return fn
+def library_loss(name: str) -> Tuple[LossSpec, Dict]:
+    """The library loss behind trainer loss ``name`` and the options the trainer calls it with
+    that decide what its mean divides by (data-parallel scaling reads both)."""
+    if name in ("sft", "dft", "ift") or name.startswith("fdiv-"):
+        return BY_NAME["fdiv_sft" if name == "sft" or name.startswith("fdiv-") else name], {}
+    if name == "una":
+        return BY_NAME["una"], {"kind": "score_mse"}
+    if name in ON_POLICY:
+        return BY_NAME[name], {}
+    raise ValueError(f"loss: no data-parallel normalisation known for {name!r}")
 
 
-def _as_floats(metrics) -> Dict[str, float]:
+def _scalars(metrics) -> Dict[str, object]:
+    """The loss's scalar metrics, tensors left on the device: reading them is a host sync, done
+    once per update by the trainer (metrics_to_floats), outside a compiled step."""
     out = {}
     for k, v in (metrics or {}).items():
         if isinstance(v, torch.Tensor):
-            if v.numel() != 1:
-                continue
-            v = v.item()
-        if isinstance(v, (int, float)):
+            if v.numel() == 1:
+                out[k] = v.detach().reshape(())
+        elif isinstance(v, (int, float)):
             out[k] = float(v)
     return out
 
 
+def metrics_to_floats(metrics: Dict[str, object]) -> Dict[str, float]:
+    """``_scalars``'s output as Python floats, with one host sync for all the tensors."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].double() for k in keys]).tolist() if keys else []
+    return {**metrics, **dict(zip(keys, values))}
+
+
 def sft_nll(hidden, weight, targets, temperature: float, backend: str = "auto"):
-    """Plain SFT (token-mean NLL) through the library: f-divergence SFT with TV is exactly NLL;
-    before that loss existed, the mean of ``-linear_logprobs`` over active tokens."""
-    fdiv = getattr(gift_fast, "fdiv_sft_loss", None)
-    if fdiv is not None:
-        return fdiv(hidden, weight, targets, divergence="tv", temperature=temperature,
-                    ignore_index=IGNORE_INDEX, backend=backend)
-    logp = linear_logprobs(hidden, weight, targets, temperature=temperature,
-                           ignore_index=IGNORE_INDEX, backend=backend)
-    active = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return -logp.sum() / active, {}
+    """Plain SFT (token-mean NLL) through the library: f-divergence SFT with TV is exactly NLL."""
+    return gift_fast.fdiv_sft_loss(hidden, weight, targets, divergence="tv",
+                                   temperature=temperature, ignore_index=IGNORE_INDEX,
+                                   backend=backend)
 
 
 def best_worst_pairs(batch: Batch) -> torch.Tensor:
@@ -91,32 +99,32 @@ def loss_from_hidden(name: str, hidden, weight, batch: Batch, cfg, backend: str 
     common = dict(temperature=T, ignore_index=IGNORE_INDEX, backend=backend)
     t = batch.targets
     if name == "gift":
-        loss, m = _library("gift_loss")(hidden, weight, t, batch.anchor_logps, batch.rewards,
-                                        group_size=batch.group_size,
-                                        data_parallel_group=data_parallel_group, **common, **beta)
+        loss, m = gift_fast.gift_loss(hidden, weight, t, batch.anchor_logps, batch.rewards,
+                                      group_size=batch.group_size,
+                                      data_parallel_group=data_parallel_group, **common, **beta)
     elif name == "grpo":
-        adv = _library("group_advantages")(batch.rewards, batch.group_size)
-        loss, m = _library("grpo_loss")(hidden, weight, t, batch.anchor_logps, adv,
-                                        **common, **beta)
+        adv = gift_fast.group_advantages(batch.rewards, batch.group_size)
+        loss, m = gift_fast.grpo_loss(hidden, weight, t, batch.anchor_logps, adv,
+                                      **common, **beta)
     elif name == "dpo":
-        loss, m = _library("dpo_loss")(hidden, weight, t, batch.anchor_logps, **common, **beta)
+        loss, m = gift_fast.dpo_loss(hidden, weight, t, batch.anchor_logps, **common, **beta)
     elif name == "rpo":
-        loss, m = _library("rpo_loss")(hidden, weight, t, batch.anchor_logps, batch.rewards,
-                                       group_size=batch.group_size, **common, **beta)
+        loss, m = gift_fast.rpo_loss(hidden, weight, t, batch.anchor_logps, batch.rewards,
+                                     group_size=batch.group_size, **common, **beta)
     elif name == "una":
         # Online UNA scores every response against its reward, which already lies in [0, 1].
-        loss, m = _library("una_loss")(hidden, weight, t, batch.anchor_logps, kind="score_mse",
-                                       scores=batch.rewards, **common, **beta)
+        loss, m = gift_fast.una_loss(hidden, weight, t, batch.anchor_logps, kind="score_mse",
+                                     scores=batch.rewards, **common, **beta)
     elif name == "sft":
         loss, m = sft_nll(hidden, weight, t, T, backend)
     elif name.startswith("fdiv-"):
-        loss, m = _library("fdiv_sft_loss")(hidden, weight, t, None,
-                                            divergence=name.split("-", 1)[1], **common, **beta)
+        loss, m = gift_fast.fdiv_sft_loss(hidden, weight, t, None,
+                                          divergence=name.split("-", 1)[1], **common, **beta)
     elif name == "dft":
-        loss, m = _library("dft_loss")(hidden, weight, t, **common)
+        loss, m = gift_fast.dft_loss(hidden, weight, t, **common)
     else:
         raise ValueError(f"loss: expected one of {list(LOSSES)}, got {name!r}")
-    return loss, _as_floats(m)
+    return loss, _scalars(m)
 
 
 def _ift(model, batch: Batch, cfg, weight, compute_dtype):
@@ -126,16 +134,16 @@ def _ift(model, batch: Batch, cfg, weight, compute_dtype):
     p = batch.prompt_len
     with torch.no_grad():
         # Only response rows matter: row p - 1 + j predicts response token j.
-        greedy = _library("ift_greedy_predictions")(response_hidden(model, batch, compute_dtype),
-                                                    weight, temperature=cfg.temperature)
+        greedy = gift_fast.ift_greedy_predictions(response_hidden(model, batch, compute_dtype),
+                                                  weight, temperature=cfg.temperature)
     seqs = batch.sequences
     greedy_next = seqs.clone()
     greedy_next[:, p - 1:-1] = greedy
     labels = torch.cat([torch.full_like(seqs[:, :p], IGNORE_INDEX), batch.targets], 1)
-    embeds = _library("ift_mixed_embeddings")(seqs, labels, greedy_next,
-                                              body(model).get_input_embeddings(),
-                                              lam=cfg.ift_lambda, ignore_index=IGNORE_INDEX)
+    embeds = gift_fast.ift_mixed_embeddings(seqs, labels, greedy_next,
+                                            body(model).get_input_embeddings(),
+                                            lam=cfg.ift_lambda, ignore_index=IGNORE_INDEX)
     hidden = response_hidden(model, batch, compute_dtype, inputs_embeds=embeds)
-    loss, m = _library("ift_loss")(hidden, weight, batch.targets, temperature=cfg.temperature,
-                                   ignore_index=IGNORE_INDEX)
-    return loss, _as_floats(m)
+    loss, m = gift_fast.ift_loss(hidden, weight, batch.targets, temperature=cfg.temperature,
+                                 ignore_index=IGNORE_INDEX)
+    return loss, _scalars(m)

@@ -3,8 +3,6 @@
 with the mean and the min-max band over seeds of each loss."""
 from __future__ import annotations
 
-import datetime
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -15,19 +13,20 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .model import build_model
+from .reuse import finished_run
 from .rollout import Batch, fixed_seed, generate, policy_logprobs, response_targets
+from .run_dir import RunDir, StudyDir, timestamped
 from .task import PROMPT_LEN, AdditionTask
 from .tokenizer import CharTokenizer
+from .trainer import Trainer, TrainResult, resolve_device, train
 
-WARM_START_DIR = "warmstart-s{seed}"
-RUN_DIR = "{loss}-s{seed}"
 KL_SAMPLES_PER_PROMPT = 4
 
 
 @dataclass
 class StudyResult:
     out_dir: str
-    runs: Dict[str, Dict[int, "object"]]          # loss -> seed -> TrainResult
+    runs: Dict[str, Dict[int, TrainResult]]       # loss -> seed
     table: str                                    # markdown
     summary: Dict = field(default_factory=dict)   # loss -> aggregated numbers
     plot_path: Optional[str] = None
@@ -38,45 +37,16 @@ def study_dir(cfg: TrainConfig, losses: Sequence[str]) -> str:
     overwrites the first."""
     if cfg.out_dir:
         return cfg.out_dir
-    from .trainer import unused_path
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return unused_path(os.path.join("runs", f"{cfg.name or 'compare-' + '-'.join(losses)}-{stamp}"))
+    return timestamped(cfg.name or "compare-" + "-".join(losses))
 
 
-# Settings that do not change what a run computes: a finished run with other values is reused.
-_PRESENTATION = ("out_dir", "overwrite", "progress", "plot", "memory_report", "save_every", "name",
-                 "warm_start", "resume")
-
-
-def finished_run(cfg: TrainConfig, out_dir: str) -> Optional[List[Dict]]:
-    """The records of a finished run in ``out_dir`` made with the same settings as ``cfg``, else
-    None: an interrupted study (or seeds run as separate processes into one directory) resumes
-    without repeating finished runs."""
-    from .metrics import read_log
-    try:
-        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return None
-    want = cfg.to_dict()
-    for key in want:
-        if key in _PRESENTATION or (key == "sft_steps" and cfg.sft_until is not None):
-            continue
-        if saved.get(key) != want[key]:
-            return None
-    return read_log(os.path.join(out_dir, "metrics.jsonl"))
-
-
-def make_warm_start(cfg: TrainConfig, out_dir: str) -> str:
+def make_warm_start(cfg: TrainConfig, run: RunDir) -> str:
     """The SFT phase alone (``rl_steps=0``), run once and shared by every loss of this seed."""
-    from .trainer import Trainer
+    out_dir = run.path
     # overwrite: an unfinished warm start in the study's own directory is run again
     cfg = cfg.replace(rl_steps=0, out_dir=out_dir, plot=False, memory_report=False,
                       warm_start=None, resume=None, overwrite=True)
-    if finished_run(cfg, out_dir) is not None and os.path.isfile(
-            os.path.join(out_dir, "checkpoint.pt")):
+    if finished_run(cfg, run) is not None and os.path.isfile(run.checkpoint):
         return out_dir
     trainer = Trainer(cfg)
     if cfg.sft_steps == 0:
@@ -92,7 +62,7 @@ def kl_to_warm_start(run_dir: str, warm_dir: str, cfg: TrainConfig,
     """Monte-Carlo KL(final || warm start) per response on the held-out prompts: responses
     sampled from the final policy at the loss temperature, ``mean(sum_t log pi - log pi_0)``.
     A forgetting measure: how far RL moved the policy from where it started."""
-    device = torch.device("cpu")
+    device = resolve_device(cfg.device)
     tok = CharTokenizer(cfg.vocab)
     task = AdditionTask(tok, seed=cfg.seed, n_heldout=cfg.n_heldout)
     models = []
@@ -102,27 +72,26 @@ def kl_to_warm_start(run_dir: str, warm_dir: str, cfg: TrainConfig,
         models.append(model.eval())
     final, warm = models
     gen = torch.Generator().manual_seed(cfg.seed + 3)
-    prompts = task.prompt_ids(task.heldout).repeat_interleave(samples_per_prompt, 0)
+    prompts = task.prompt_ids(task.heldout).repeat_interleave(samples_per_prompt, 0).to(device)
     with fixed_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), device):
         responses = generate(final, prompts, max_new_tokens=cfg.max_new_tokens,
-                             pad_id=tok.pad_id, eos_id=tok.eos_id, temperature=cfg.temperature)
+                             pad_id=tok.pad_id, eos_id=tok.eos_id, temperature=cfg.temperature,
+                             compute_dtype=dtype)
     batch = Batch(torch.cat([prompts, responses], 1), response_targets(responses, tok.eos_id),
                   PROMPT_LEN)
-    diff = (policy_logprobs(final, batch, cfg.temperature)
-            - policy_logprobs(warm, batch, cfg.temperature))
+    diff = (policy_logprobs(final, batch, cfg.temperature, dtype)
+            - policy_logprobs(warm, batch, cfg.temperature, dtype))
     return float(diff.sum(1).mean())
 
 
-def warm_start_facts(warm_dir: str) -> Dict:
+def warm_start_facts(warm: RunDir) -> Dict:
     """Where the shared warm start ended (``sft_until`` may stop SFT early) and its wall time."""
     out: Dict = {}
-    try:
-        with open(os.path.join(warm_dir, "config.json"), encoding="utf-8") as f:
-            out["sft_steps"] = json.load(f)["sft_steps"]
-        with open(os.path.join(warm_dir, "summary.json"), encoding="utf-8") as f:
-            out["sft_s"] = json.load(f).get("train_s")
-    except (OSError, ValueError, KeyError):
-        pass
+    config, summary = warm.read_json(RunDir.CONFIG), warm.read_json(RunDir.SUMMARY)
+    if config is not None and "sft_steps" in config:
+        out["sft_steps"] = config["sft_steps"]
+    if summary is not None:
+        out["sft_s"] = summary.get("train_s")
     return out
 
 
@@ -270,41 +239,43 @@ def plot_study(records: Dict[str, Dict[int, List[Dict]]], path: str, window: int
 def run_study(cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int]) -> StudyResult:
     """For each seed: one warm start (SFT only), then every loss from it, each in
     ``<out>/<loss>-s<seed>``; then ``compare.md`` (table), ``compare.json`` and ``compare.png``."""
-    from .trainer import train
-    base = study_dir(cfg, losses)
-    os.makedirs(base, exist_ok=True)
-    runs: Dict[str, Dict[int, object]] = {loss: {} for loss in losses}
+    study = StudyDir(study_dir(cfg, losses))
+    os.makedirs(study.path, exist_ok=True)
+    runs: Dict[str, Dict[int, TrainResult]] = {loss: {} for loss in losses}
     per_run: Dict[str, Dict[int, Dict]] = {loss: {} for loss in losses}
     for seed in seeds:
         seed_cfg = cfg.replace(seed=seed, resume=None, name=None)
-        warm = make_warm_start(seed_cfg.replace(loss=losses[0]),
-                               os.path.join(base, WARM_START_DIR.format(seed=seed)))
+        warm = study.warm_start(seed)
+        make_warm_start(seed_cfg.replace(loss=losses[0]), warm)
         for loss in losses:
+            run = study.run(loss, seed)
             # overwrite: a finished run is reused below; an unfinished one is run again
-            run_cfg = seed_cfg.replace(loss=loss, warm_start=warm, plot=False, overwrite=True,
-                                       out_dir=os.path.join(base, RUN_DIR.format(loss=loss,
-                                                                                 seed=seed)))
-            records = finished_run(run_cfg, run_cfg.out_dir)
+            run_cfg = seed_cfg.replace(loss=loss, warm_start=warm.path, plot=False,
+                                       overwrite=True, out_dir=run.path)
+            records = finished_run(run_cfg, run)
             if records is None:
                 result = train(run_cfg)
             else:
-                from .trainer import LOG_NAME, TrainResult
-                result = TrainResult(run_cfg.out_dir, os.path.join(run_cfg.out_dir, LOG_NAME),
-                                     None, records)
+                result = TrainResult(run.path, run.metrics, None, records)
             s = run_summary(result.records, window=cfg.eval_every)
-            s["kl_to_warm_start"] = kl_to_warm_start(result.out_dir, warm, run_cfg)
+            s["kl_to_warm_start"] = kl_to_warm_start(result.out_dir, warm.path, run_cfg)
             s["train_s"] = float(sum(r.get("step_s", 0.0) for r in result.records))
             s.update(warm_start_facts(warm))
             runs[loss][seed], per_run[loss][seed] = result, s
     table = summary_table(per_run) + "\n\nPer run:\n\n" + per_run_table(per_run)
     aggregate = {loss: {str(seed): s for seed, s in seeds_.items()}
                  for loss, seeds_ in per_run.items()}
-    with open(os.path.join(base, "compare.json"), "w", encoding="utf-8") as f:
-        json.dump(aggregate, f, indent=2)
-    with open(os.path.join(base, "compare.md"), "w", encoding="utf-8") as f:
+    study.write_json(StudyDir.NUMBERS, aggregate)
+    with open(study.file(StudyDir.TABLE), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plot = None
     if cfg.plot:
         plot = plot_study({loss: {seed: r.records for seed, r in seeds_.items()}
-                           for loss, seeds_ in runs.items()}, os.path.join(base, "compare.png"))
-    return StudyResult(base, runs, table, aggregate, plot)
+                           for loss, seeds_ in runs.items()}, study.file(StudyDir.PLOT))
+    return StudyResult(study.path, runs, table, aggregate, plot)
+
+
+def compare(cfg: TrainConfig, losses: List[str], seeds: Optional[List[int]] = None) -> StudyResult:
+    """Every loss from one shared warm start per seed (default: ``cfg.seed``): the runs, the
+    table and the plot (see :func:`run_study`)."""
+    return run_study(cfg, losses, seeds or [cfg.seed])

@@ -6,8 +6,6 @@ streams), so ``train(cfg.replace(resume=run_dir))`` continues the same run.
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import math
 import os
 import random
@@ -18,18 +16,18 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (CHECKPOINT_NAME, checkpoint_path, load_checkpoint, restore_rng,
-                         save_checkpoint)
+from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, validate
 from . import distributed as dp
+from .evaluation import evaluate, summarise
 from .metrics import MetricsLog, peak_memory_mib
 from .model import build_model
-from .objectives import SUPERVISED
-from .rollout import Batch, fixed_seed, generate, gold_batch, policy_logprobs, response_targets
+from .objectives import SUPERVISED, metrics_to_floats
+from .reuse import check_warm_start, resumed_config
+from .rollout import Batch, generate, gold_batch, policy_logprobs, response_targets
+from .run_dir import RunDir, checkpoint_path, new_run_path
 from .task import PROMPT_LEN, AdditionTask
 from .tokenizer import CharTokenizer
-
-LOG_NAME, PLOT_NAME, MEMORY_NAME = "metrics.jsonl", "curves.png", "memory.json"
 
 
 @dataclass
@@ -67,132 +65,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def default_out_dir(cfg: TrainConfig) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return unused_path(os.path.join("runs", cfg.name or f"{cfg.loss}-{stamp}"))
-
-
-def unused_path(path: str) -> str:
-    """``path``, or ``path-2``, ``path-3``, ... if it exists (two runs started in the same second
-    never share a directory)."""
-    candidate, n = path, 1
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{path}-{n}"
-    return candidate
-
-
-def run_files_in(out_dir: str) -> List[str]:
-    return [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-
-
-def check_no_run_in(out_dir: str, held: List[str]) -> None:
-    """A new run never replaces another run's log or checkpoint without being told to."""
-    if held:
-        raise ValueError(f"out_dir: {out_dir!r} already holds a run ({', '.join(held)}); choose "
-                         "another --out-dir, continue that run with --resume, or pass "
-                         "--overwrite (TrainConfig(overwrite=True)) to replace it")
-
-
-@torch.no_grad()
-def evaluate(model, task: AdditionTask, device, cfg: TrainConfig, compute_dtype,
-             problems=None, prefix: str = "heldout", parallel=None, samples: int = 0) -> Dict:
-    """Greedy accuracy and reward on the held-out problems (or on ``problems``); with
-    ``samples`` > 0 also the mean reward of that many responses per problem sampled at the
-    training temperature (``<prefix>_sampled_reward``), from a fixed seed in a forked RNG so that
-    evaluating never changes the training run's random streams. Data-parallel: rank r decodes
-    problems r, r + W, ... and the sums are all-reduced (the same on every rank)."""
-    tok = task.tokenizer
-    problems = task.heldout if problems is None else problems
-    n = len(problems)
-    if parallel is not None:
-        problems = problems[parallel.rank::parallel.world]
-    sums = [0.0, 0.0, 0.0]
-    if problems:
-        prompts = task.prompt_ids(problems).to(device)
-        responses = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
-                             eos_id=tok.eos_id, sample=False, compute_dtype=compute_dtype)
-        rewards, exact = task.score(problems, responses.cpu())
-        sums = [exact.sum().item(), rewards.sum().item(), 0.0]
-        if samples:
-            with fixed_seed(cfg.seed + 7 + (parallel.rank if parallel else 0), device):
-                responses = generate(model, prompts.repeat_interleave(samples, 0),
-                                     max_new_tokens=cfg.max_new_tokens, pad_id=tok.pad_id,
-                                     eos_id=tok.eos_id, temperature=cfg.temperature,
-                                     compute_dtype=compute_dtype)
-            rewards, _ = task.score([p for p in problems for _ in range(samples)], responses.cpu())
-            sums[2] = rewards.sum().item() / samples
-    exact_sum, reward_sum, sampled_sum = dp.all_reduce_sums(sums, parallel)
-    out = {f"{prefix}_accuracy": exact_sum / n, f"{prefix}_reward": reward_sum / n}
-    if samples:
-        out[f"{prefix}_sampled_reward"] = sampled_sum / n
-    return out
-
-
 # Every 10 steps, and every 2 once a probe has reached half the target: SFT accuracy can jump
 # from 0.1 to 0.5 within 20 steps, and an overshooting warm start leaves RL little to learn.
 SFT_PROBE_PROBLEMS, SFT_PROBE_EVERY, SFT_PROBE_EVERY_NEAR = 256, 10, 2
 
 
-# Settings a resumed run may change: how long it runs and how it reports, not what it computes.
-RESUME_MAY_CHANGE = ("rl_steps", "eval_every", "eval_samples", "save_every", "memory_report",
-                     "device", "threads", "progress", "plot", "overwrite")
-# Files whose presence means a directory already holds a run (a new run must not replace it).
-RUN_FILES = ("metrics.jsonl", "summary.json", CHECKPOINT_NAME)
-# Settings that define a warm start: an RL run can only start from an SFT run that used them.
-WARM_START_KEYS = ("model", "vocab", "seed", "sft_steps", "sft_batch", "sft_lr", "weight_decay",
-                   "n_heldout")
+# torch.compile's default; the tests compile with "aot_eager" (dynamo and AOTAutograd decide the
+# graphs and breaks as for inductor, without inductor's C++ code generation).
+COMPILE_BACKEND = "inductor"
 
 
-def resumed_config(cfg: TrainConfig, state: dict) -> TrainConfig:
-    """The checkpoint's config, with the settings ``cfg`` may change on resume. A setting that
-    ``cfg`` sets to something other than both its default and the checkpoint's value is refused
-    (a resumed run is the same run); ``rl_steps`` left at its default keeps the saved value."""
-    saved = TrainConfig.from_dict(state["config"])
-    default = TrainConfig()
-    # The run continues where its checkpoint lies (the directory may have been moved).
-    run_dir = os.path.dirname(os.path.abspath(checkpoint_path(cfg.resume)))
-    refused = []
-    for name in saved.to_dict():
-        given, old = getattr(cfg, name), getattr(saved, name)
-        if name in RESUME_MAY_CHANGE or name in ("resume", "warm_start") or given == old \
-                or given == getattr(default, name):
-            continue
-        if name == "out_dir" and os.path.abspath(given) == run_dir:
-            continue
-        refused.append(f"{name}={given!r} (the run has {old!r})")
-    if refused:
-        raise ValueError("resume: a resumed run keeps its settings; only "
-                         f"{', '.join(RESUME_MAY_CHANGE)} may change, got " + "; ".join(refused))
-    changes = {name: getattr(cfg, name) for name in RESUME_MAY_CHANGE}
-    if cfg.rl_steps == default.rl_steps:
-        changes["rl_steps"] = saved.rl_steps
-    done_rl = max(0, state["step"] - saved.sft_steps)
-    if changes["rl_steps"] < done_rl:
-        raise ValueError(f"rl_steps: the run being resumed has done {done_rl} RL steps already; "
-                         f"expected >= {done_rl}, got {changes['rl_steps']}")
-    return saved.replace(**changes, resume=cfg.resume, out_dir=run_dir)
-
-
-def check_warm_start(cfg: TrainConfig, state: dict) -> TrainConfig:
-    """A warm start is the end of the SFT phase of a run with the same seed and SFT settings.
-    Returns ``cfg`` with the warm start's actual SFT length (``sft_until`` may stop it early)."""
-    saved = TrainConfig.from_dict(state["config"])
-    if state["step"] != saved.sft_steps:
-        raise ValueError(f"warm_start: {cfg.warm_start!r} is at step {state['step']}, not at the "
-                         f"end of its SFT phase (step {saved.sft_steps}); make one with "
-                         "--rl-steps 0")
-    keys = WARM_START_KEYS + ("sft_until",)
-    if cfg.sft_until is not None:   # stopped early: sft_steps was the limit, not the length
-        keys = tuple(k for k in keys if k != "sft_steps")
-    differ = [f"{k}={getattr(cfg, k)!r} (warm start: {getattr(saved, k)!r})"
-              for k in keys if getattr(cfg, k) != getattr(saved, k)]
-    if cfg.sft_until is not None and saved.sft_steps > cfg.sft_steps:
-        differ.append(f"sft_steps={cfg.sft_steps} (warm start: {saved.sft_steps})")
-    if differ:
-        raise ValueError(f"warm_start: {cfg.warm_start!r} was made with other settings: "
-                         + "; ".join(differ))
-    return cfg.replace(sft_steps=saved.sft_steps)
+def compile_step(root: torch.nn.Module) -> torch.nn.Module:
+    """``--compile``: the training step's forward (the model body and the fused loss head, and
+    under DDP the DDP wrapper, whose graphs torch splits at its gradient buckets) compiled with
+    torch.compile. Shapes change between SFT, RL and mini-batches of different sizes: dynamo marks
+    a dimension dynamic the second time it changes, instead of compiling once per shape."""
+    return torch.compile(root, backend=COMPILE_BACKEND)
 
 
 def make_optimizer(model, lr: float, cfg: TrainConfig):
@@ -234,33 +122,34 @@ class Trainer:
         # Same initial weights everywhere; then each rank its own prompt and sampling streams.
         self.data_rng = dp.seed_rank_streams(cfg.seed, parallel)
         self.loss_root = dp.wrap(self.model, parallel, self.device)
+        if cfg.compile:
+            self.loss_root = compile_step(self.loss_root)
         self.ref_model = None
         self.step = 0
         self.saved_step: Optional[int] = None   # the step of the last checkpoint this run wrote
         self.last_eval: Optional[Dict] = None
         self.optimizer = make_optimizer(self.model, cfg.sft_lr if cfg.sft_steps else cfg.lr, cfg)
-        self.cfg = cfg = cfg.replace(
-            out_dir=dp.broadcast_object(cfg.out_dir or default_out_dir(cfg), parallel))
+        self.cfg = cfg = cfg.replace(out_dir=dp.broadcast_object(
+            cfg.out_dir or new_run_path(cfg.name, cfg.loss), parallel))
+        self.run_dir = RunDir(cfg.out_dir)
         if self.resume_state is None and not cfg.overwrite:   # rank 0's verdict on every rank
-            check_no_run_in(cfg.out_dir, dp.broadcast_object(
-                run_files_in(cfg.out_dir) if self.is_main else None, parallel))
+            self.run_dir.refuse_replacing(dp.broadcast_object(
+                self.run_dir.held_run_files() if self.is_main else None, parallel))
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
         if self.resume_state is not None:
             self._restore(self.resume_state)
         elif self.warm_state is not None:
             self._restore_warm_start(self.warm_state)
-        self.log = MetricsLog(os.path.join(cfg.out_dir, LOG_NAME) if self.is_main else None,
+        self.log = MetricsLog(self.run_dir.metrics if self.is_main else None,
                               keep_before=self.step)
         self._write_config()
         if self.is_main:
-            self.tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+            self.tok.save(self.run_dir.file(RunDir.TOKENIZER))
 
     def _write_config(self) -> None:
-        if not self.is_main:
-            return
-        with open(os.path.join(self.cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.cfg.to_dict(), f, indent=2)
+        if self.is_main:
+            self.run_dir.write_json(RunDir.CONFIG, self.cfg.to_dict())
 
     def _sft_target_reached(self) -> bool:
         """``sft_until``: every SFT_PROBE_EVERY steps, greedy accuracy on a fixed sample of the
@@ -307,7 +196,7 @@ class Trainer:
 
     @property
     def saved_path(self) -> str:
-        return os.path.join(self.cfg.out_dir, CHECKPOINT_NAME)
+        return self.run_dir.checkpoint
 
     def save(self) -> Optional[str]:
         # Every rank checks (the weights are the same on all), so all of them stop together.
@@ -320,7 +209,7 @@ class Trainer:
             kept = ("no checkpoint was written yet" if self.saved_step is None else
                     f"{self.saved_path} still holds step {self.saved_step}")
             raise NonFiniteError(
-                f"non-finite weights after step {self.step - 1} in {LOG_NAME} "
+                f"non-finite weights after step {self.step - 1} in {RunDir.METRICS} "
                 f"({', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}); the checkpoint "
                 f"was not written, {kept}.", phase, self.step - 1,
                 None if self.saved_step is None else self.saved_path)
@@ -369,7 +258,6 @@ class Trainer:
                     self.loss_root, loss_name, part, self.cfg, self.compute_dtype, self.parallel)
                 if to_backward is None:
                     continue
-                metrics = part_metrics or metrics
                 to_backward.backward()
                 # One host sync per update (the loss and the gradient norm are logged anyway):
                 # a non-finite loss or gradient stops the run here, before the optimiser step,
@@ -393,6 +281,7 @@ class Trainer:
                              f"{passes * len(parts)}")
                     raise self._non_finite(whole_loss, norm, where)
                 self.optimizer.step()
+                metrics = metrics_to_floats(part_metrics) if part_metrics else metrics
                 losses.append(loss_value)
                 norms.append(norm)
         # grad_norm is the norm before clipping; grad_norm_clipped is the norm of the step taken.
@@ -421,7 +310,7 @@ class Trainer:
             what.append(f"gradient norm = {norm} (every gradient finite: the norm overflowed)")
         step = (f"SFT step {self.step}" if phase == "sft" else
                 f"RL step {self.step - self.cfg.sft_steps} of {self.cfg.loss} "
-                f"(step {self.step} in {LOG_NAME})")
+                f"(step {self.step} in {RunDir.METRICS})")
         if self.saved_step is None:
             kept = "no checkpoint was written yet"
         else:
@@ -550,12 +439,11 @@ class Trainer:
         dp.barrier(self.parallel)
         if not self.is_main:
             return result
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(result.summary, f, indent=2)
+        self.run_dir.write_json(RunDir.SUMMARY, result.summary)
         if cfg.plot:
             from .plotting import plot_runs
             result.plot_path = plot_runs({cfg.loss: self.log.records},
-                                         os.path.join(cfg.out_dir, PLOT_NAME))
+                                         self.run_dir.file(RunDir.CURVES))
         return result
 
     def _memory_report(self) -> Dict:
@@ -565,8 +453,7 @@ class Trainer:
         problems = self.task.sample(random.Random(self.cfg.seed + 2), self.cfg.prompts_per_step)
         report = compare_loss_memory(self.cfg.loss, self.model, self._rollout(problems),
                                      self.cfg, self.compute_dtype)
-        with open(os.path.join(self.cfg.out_dir, MEMORY_NAME), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        self.run_dir.write_json(RunDir.MEMORY, report)
         self.log.write({"step": self.step, "phase": "memory", **report})
         return report
 
@@ -594,32 +481,6 @@ def _postfix(record: Dict, last_eval: Optional[Dict]) -> Dict:
     return out
 
 
-def summarise(records: List[Dict], window: int = 25) -> Dict:
-    """Start vs end of the RL phase: mean sampled reward over the first and last ``window``
-    steps, and held-out greedy accuracy at the start and the end of RL."""
-    rl = [r for r in records if r.get("phase") == "rl"]
-    evals = [r for r in records if r.get("phase") == "eval"]
-    out: Dict = {}
-    if rl:
-        w = min(window, len(rl))
-        out.update(rl_steps=len(rl), window=w,
-                   reward_first=float(np.mean([r["reward"] for r in rl[:w]])),
-                   reward_last=float(np.mean([r["reward"] for r in rl[-w:]])),
-                   train_accuracy_first=float(np.mean([r["accuracy"] for r in rl[:w]])),
-                   train_accuracy_last=float(np.mean([r["accuracy"] for r in rl[-w:]])))
-    if evals:
-        out.update(heldout_accuracy_start=evals[0]["heldout_accuracy"],
-                   heldout_accuracy_end=evals[-1]["heldout_accuracy"],
-                   heldout_reward_start=evals[0]["heldout_reward"],
-                   heldout_reward_end=evals[-1]["heldout_reward"])
-        if "heldout_sampled_reward" in evals[0]:
-            out.update(heldout_sampled_reward_start=evals[0]["heldout_sampled_reward"],
-                       heldout_sampled_reward_end=evals[-1]["heldout_sampled_reward"])
-    steps = [r for r in records if "step_s" in r]
-    out["train_s"] = float(sum(r["step_s"] for r in steps))
-    return out
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Runs (or resumes) one training run; returns its records, summary and file paths. Under
     ``torchrun`` (``WORLD_SIZE`` > 1) this process is one rank of a data-parallel run."""
@@ -628,10 +489,3 @@ def train(cfg: TrainConfig) -> TrainResult:
         return Trainer(cfg, parallel).run()
     finally:
         dp.shutdown(parallel)
-
-
-def compare(cfg: TrainConfig, losses: List[str], seeds: Optional[List[int]] = None):
-    """Every loss from one shared warm start per seed (default: ``cfg.seed``); returns the
-    :class:`~gift_fast.train.study.StudyResult` (runs, table, plot). See study.py."""
-    from .study import run_study
-    return run_study(cfg, losses, seeds or [cfg.seed])

@@ -1,13 +1,14 @@
 """End-to-end check of a data-parallel setup: GIFT steps with groups split across ranks.
 
-    torchrun --nproc-per-node 2 -m gift_fast.distributed.demo --wrap fsdp2
+    torchrun --nproc-per-node 2 examples/data_parallel_gift.py --wrap fsdp2
 
 Every rank takes an uneven share of one fixed global batch (the groups span ranks), wraps a tiny
 causal LM in DDP or FSDP2 around :class:`FusedLossModel`, and runs ``--steps`` AdamW steps of
 ``gift_loss(..., data_parallel_group=WORLD)`` with the loss scaled by the world size (both wrappers
 average gradients over ranks). Rank 0 then trains the same model on the whole batch in one
 process and prints the max abs difference of the parameters. ``--backend nccl`` runs on GPUs
-(one per rank); that path is not tested by the project (no GPU), gloo on CPU is.
+(one per rank, ``LOCAL_RANK``), ``--backend gloo`` on CPUs. A user of gift_fast, not part of it:
+it imports only the public API, and the tests import it (pytest.ini puts examples/ on the path).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..losses import gift_loss
-from .fused_forward import FusedLossModel
+from gift_fast import gift_loss
+from gift_fast.integrations.fsdp import FusedLossModel
 
 
 class _Block(nn.Module):
