@@ -255,7 +255,9 @@ def case_errors(rep, rank, world):
     ids, mask, _, _ = _batch()
     lo, hi = _share(rank)
     for layout in LAYOUTS:
-        model = _shard(patch_model(_llama()), layout)
+        model = patch_model(_llama())
+        token_logprobs(model, ids[lo:hi], mask[lo:hi])   # caches "nothing sharded" for the model
+        model = _shard(model, layout)                    # in place: the check runs again
         try:
             token_logprobs(model, ids[lo:hi], mask[lo:hi])
             ok = False

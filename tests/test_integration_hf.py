@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gift_fast.integrations.hf import lm_head_of, patch_model, token_logprobs  # noqa: E402
-from helpers import LargestAllocation, init_gloo, rendezvous
+from helpers import LargestAllocation, count_host_syncs, init_gloo, rendezvous
 
 V = 97   # not a multiple of any tile or chunk size
 _COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -162,6 +162,46 @@ def test_patched_forward_equals_function_and_keeps_generation(arch):
     loss = model(input_ids=ids, attention_mask=mask, token_logprobs=True, head_loss=head_loss).loss
     ref, _, _ = _reference(model, ids, mask)
     torch.testing.assert_close(loss, -ref.sum(), atol=1e-9, rtol=1e-10)
+
+
+def test_token_logprobs_and_patched_forward_under_torch_compile():
+    """token_logprobs and the patched forward compile with fullgraph=True (no graph break: the
+    FSDP2 check's walk over the parameters is folded while tracing), run without a host sync,
+    and give the float64 reference within this file's float64 tolerances (aot_eager backend:
+    the graphs dynamo and AOTAutograd build, without inductor's code generation; see
+    tests/test_compile.py). Gradients go through the compiled backward."""
+    model = _model("cohere", seed=9)          # a scaled head (gemma2 would count transformers'
+    # own host read: a dynamo guard on its embed_scale buffer's value, run at every call)
+    ids, mask = _batch(model, seed=10)
+    upstream = torch.randn(ids.shape[0], ids.shape[1] - 1, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(11))
+    ref, ref_ent, _ = _reference(model, ids, mask, temperature=0.7)
+    (ref * upstream + 0.3 * ref_ent).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    patched = patch_model(copy.deepcopy(model))
+    runs = {
+        "token_logprobs": lambda i, m: token_logprobs(model, i, m, temperature=0.7,
+                                                     return_entropy=True),
+        "patched forward": lambda i, m: (lambda o: (o.logprobs, o.entropy))(patched(
+            i, m, token_logprobs=True, temperature=0.7, return_entropy=True)),
+    }
+    for name, fn in runs.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        compiled(ids, mask)                   # compiles outside the count
+        target = model if name == "token_logprobs" else patched
+        target.zero_grad()
+        with count_host_syncs() as syncs:
+            logp, ent = compiled(ids, mask)
+        assert sum(syncs.values()) == 0, (name, dict(syncs))
+        torch.testing.assert_close(logp, ref, atol=1e-10, rtol=1e-10, msg=name)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-10, rtol=1e-10, msg=name)
+        (logp * upstream + 0.3 * ent).sum().backward()
+        grads = {n: p.grad for n, p in target.named_parameters() if p.grad is not None}
+        assert grads.keys() == ref_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-9, rtol=1e-7,
+                                       msg=f"{name}: {n}")
 
 
 def test_no_logits_sized_tensor(monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -177,10 +178,28 @@ def _last_hidden(model, input_ids, attention_mask, model_kwargs):
     return hidden.to(head.weight.device), head
 
 
+# model -> (its class, the answer of _sharded_outside_forward): fully_shard swaps the class of the
+# module it wraps, so the answer is recomputed after the root is sharded, not on every call.
+_SHARDED_OUTSIDE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _sharded_outside_forward(model) -> Optional[str]:
     """Name of a parameter of ``model`` that is an FSDP2 shard and that no forward run by
     ``token_logprobs`` would unshard (one not under a ``fully_shard`` unit strictly inside
-    ``model``: the root's own parameters, outside the root's forward), or None."""
+    ``model``: the root's own parameters, outside the root's forward), or None.
+
+    The walk over the parameters runs once per model and class: under torch.compile dynamo
+    evaluates it while tracing (a constant of the graph), and the cache is not touched there."""
+    if torch.compiler.is_compiling():
+        return _scan_sharded_outside_forward(model)
+    cached = _SHARDED_OUTSIDE.get(model)
+    if cached is None or cached[0] is not type(model):
+        cached = (type(model), _scan_sharded_outside_forward(model))
+        _SHARDED_OUTSIDE[model] = cached
+    return cached[1]
+
+
+def _scan_sharded_outside_forward(model) -> Optional[str]:
     params = list(model.named_parameters())
     if not any(_is_dtensor(p) for _, p in params):
         return None

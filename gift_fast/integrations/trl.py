@@ -50,15 +50,20 @@ def _mean_logits(hidden, weight, bias, softcap, temperature):
         return total / (weight.shape[0] * temperature)
 
 
-def _fused_head_outputs(hidden, weight, bias, targets, softcap, temperature, outputs, backend):
-    """Per-token fields of TRL's ``FusedCausalLMOutput`` for already compacted rows."""
+def _fused_head_outputs(hidden, weight, bias, targets, mask, softcap, temperature, outputs,
+                        backend):
+    """Per-token fields of TRL's ``FusedCausalLMOutput`` for every row, zero where not ``mask``.
+
+    Every row goes through the op (the ignored ones as ``-100`` targets, which it skips in eager
+    mode and runs with zero gradient under compile): compacting the rows here (``hidden[mask]``)
+    would give a data-dependent shape, a graph break and a host sync under ``torch.compile``."""
     want_entropy, want_top1 = "entropy" in outputs, "is_top1" in outputs
     res = linear_logprobs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                           return_entropy=want_entropy, return_argmax=want_top1, backend=backend)
     res = list(res) if isinstance(res, tuple) else [res]
     logp = res.pop(0)
     entropy = res.pop(0) if want_entropy else None
-    is_top1 = (res.pop(0) == targets) if want_top1 else None
+    is_top1 = (res.pop(0) == targets) & mask if want_top1 else None
     log_sum_sq = mean_logits = None
     if "log_sum_sq_probs" in outputs:
         # log sum_v p_v^2 = lse(2z) - 2 lse(z) = 2 logp(T) - logp(T/2): one more no-grad pass
@@ -68,7 +73,9 @@ def _fused_head_outputs(hidden, weight, bias, targets, softcap, temperature, out
             log_sum_sq = 2 * logp.detach() - half
     if "mean_logits" in outputs:
         mean_logits = _mean_logits(hidden, weight, bias, softcap, temperature)
-    return logp, entropy, log_sum_sq, mean_logits, is_top1
+    # where(), not a multiply: a masked row's value is not used, even if it is not finite
+    return tuple(None if x is None else torch.where(mask, x, 0.0)
+                 for x in (logp, entropy, log_sum_sq, mean_logits)) + (is_top1,)
 
 
 def _check_not_zero3():
@@ -138,15 +145,11 @@ def add_gift_fast_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
                 if head_loss is not None:
                     return head_loss(h, w, targets, bias=b, softcap=head.softcap,
                                      temperature=temperature)
-                return _fused_head_outputs(h[mask], w, b, targets[mask], head.softcap,
-                                           temperature, outputs, backend)
+                return _fused_head_outputs(h, w, b, targets, mask, head.softcap, temperature,
+                                           outputs, backend)
         if head_loss is not None:
             return FusedCausalLMOutput(loss=head.apply(hidden, fused_head), label_mask=mask)
-        rows = head.apply(hidden, fused_head)
-        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss)
-        per_token = [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
-                     for x in rows]
-        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = per_token
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = head.apply(hidden, fused_head)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs,
                                    entropy=entropy, log_sum_sq_probs=log_sum_sq,
@@ -156,8 +159,16 @@ def add_gift_fast_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
     model.forward = types.MethodType(forward, model)
 
 
+def _uncompiled(model):
+    """The module a ``torch.compile`` wrapper runs (accelerate compiles the reference model when
+    the trainer is built with ``torch_compile=True``): patching the wrapper's own ``forward``
+    would replace the compiled call with an eager one."""
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
 def _policy(model):
     """The model TRL patched: the base model under PEFT (as TRL does), else the model."""
+    model = _uncompiled(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -179,7 +190,7 @@ def use_gift_fast(trainer, backend: str = "auto"):
                         f"{type(trainer).__name__}")
     add_gift_fast_lm_head(_policy(trainer.model), backend=backend, **policy)
     if getattr(trainer, "ref_model", None) is not None:
-        add_gift_fast_lm_head(trainer.ref_model, backend=backend, **ref)
+        add_gift_fast_lm_head(_uncompiled(trainer.ref_model), backend=backend, **ref)
     return trainer
 
 
@@ -293,6 +304,26 @@ class GIFTTrainer(GRPOTrainer):
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     # -- the loss -------------------------------------------------------------------------------
+    def _head_loss(self, anchor, rewards, group):
+        """The ``head_loss`` of one micro-batch: ``(loss, metrics)`` of :func:`gift_loss`, run by
+        the patched forward on the folded head. ``anchor`` None: the anchor is this forward's own
+        log-probs without gradient (pi_old == pi_theta when each rollout is used once)."""
+        args = self.args
+
+        def head_loss(hidden, weight, targets, bias=None, softcap=None, temperature=1.0):
+            anchor_logps = anchor
+            if anchor_logps is None:
+                with torch.no_grad():
+                    anchor_logps = linear_logprobs(hidden, weight, targets, bias,
+                                                   temperature=temperature, softcap=softcap,
+                                                   backend=args.gift_backend)
+            return gift_loss(hidden, weight, targets, anchor_logps, rewards, group_size=group,
+                             bias=bias, beta=self.gift_beta, eps=args.epsilon, std=args.std,
+                             detach_stats=args.detach_stats, length_norm=args.length_norm,
+                             drop_uniform_groups=args.drop_uniform_groups,
+                             temperature=temperature, softcap=softcap, backend=args.gift_backend)
+        return head_loss
+
     def _compute_loss(self, model, inputs):
         args = self.args
         mode = "train" if self.model.training else "eval"
@@ -307,22 +338,8 @@ class GIFTTrainer(GRPOTrainer):
                             completion_ids.masked_fill(mask == 0, -100)], dim=1)
         anchor = inputs.get("ref_per_token_logps" if args.anchor == "ref"
                             else "old_per_token_logps")
-        rewards = inputs["gift_rewards"]
         group = self.num_generations if mode == "train" else self.num_generations_eval
-
-        def head_loss(hidden, weight, targets, bias=None, softcap=None, temperature=1.0):
-            anchor_logps = anchor
-            if anchor_logps is None:   # pi_old == pi_theta this step: the same batch, no gradient
-                with torch.no_grad():
-                    anchor_logps = linear_logprobs(hidden, weight, targets, bias,
-                                                   temperature=temperature, softcap=softcap,
-                                                   backend=args.gift_backend)
-            return gift_loss(hidden, weight, targets, anchor_logps, rewards, group_size=group,
-                             bias=bias, beta=self.gift_beta, eps=args.epsilon, std=args.std,
-                             detach_stats=args.detach_stats, length_norm=args.length_norm,
-                             drop_uniform_groups=args.drop_uniform_groups,
-                             temperature=temperature, softcap=softcap, backend=args.gift_backend)
-
+        head_loss = self._head_loss(anchor, inputs["gift_rewards"], group)
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                         fused_lm_head=True, logits_to_keep=keep, head_loss=head_loss)
