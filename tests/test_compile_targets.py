@@ -60,7 +60,7 @@ def test_unreached_jit_function_is_reported():
     assert set(ct.unexercised(())) == every
     left = ct.unexercised({"gift_fast.kernels.logprob_forward:_logprob_forward_kernel"})
     assert "gift_fast.kernels.logprob_forward:_logit_tile" not in left      # called by it
-    assert "gift_fast.kernels.gemm:_matmul_kernel" in left
+    assert "gift_fast.kernels.logprob_backward:_dlogits_kernel" in left
 
 
 def test_problems_catch_spills_shared_memory_and_register_pressure():

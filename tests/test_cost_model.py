@@ -7,7 +7,7 @@ import pytest
 
 from bench import model as cm
 import gift_fast.backends.triton_op as to
-from gift_fast.kernels import gemm, logprob_backward, logprob_forward
+from gift_fast.kernels import logprob_backward, logprob_forward
 
 # Ragged on purpose: no size is a multiple of a tile, a chunk or a vocabulary block.
 N, H, V = 3001, 1000, 50021
@@ -117,15 +117,6 @@ def _patched(real, **changes):
     return config
 
 
-def test_reads_the_real_matmul_config(monkeypatch):
-    before = _bare()
-    monkeypatch.setattr(gemm, "matmul_config",
-                        _patched(gemm.matmul_config, BLOCK_M=64, BLOCK_N=64))
-    after = _bare()
-    assert after["flops"] == before["flops"]
-    assert after["bytes_read"] > before["bytes_read"]        # smaller tiles re-read more
-
-
 def test_reads_the_real_forward_and_dlogits_configs(monkeypatch):
     name = "linear_logprobs forward"
     before = _bare(name)
@@ -144,7 +135,8 @@ def test_reads_the_real_backward_budget(monkeypatch):
         op = _bare("linear_logprobs fwd+bwd")
         return next(k for k in op["kernels"] if k["name"] == "dlogits")["launches"]
     before = dlogits_launches()
-    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", to.BACKWARD_CHUNK_BYTES // 4)
+    real = cm.MODEL_BUDGET
+    monkeypatch.setattr(cm, "MODEL_BUDGET", lambda n, h: real(n, h) // 4)
     assert dlogits_launches() > before
 
 
