@@ -3,10 +3,12 @@
 Every front-end validates its inputs, gets the per-token log-probs of the targets from ONE
 internal function, :func:`_policy_logps` (:func:`gift_fast.linear_logprobs`), then applies the
 matching epilogue of :mod:`gift_fast.functional`. On the triton backend two fused paths replace
-that composition: GIFT runs as one two-phase op (``backends.triton_gift``) and the token-local
-losses (GRPO, f-divergence SFT, DFT) as one-pass ops that compute dX/dW inside the forward
-(``backends.triton_token_local``); both are tested equal to the composed path. Under
-vocabulary parallelism (``vocab_parallel_group=``, every front-end) the composed path is used. The [N, V] logits are never materialised on the triton and torch
+that composition: GIFT runs as one two-phase op (``backends.triton_gift``). The token-local
+losses (GRPO, f-divergence SFT, DFT) run, on the triton and torch backends, as one-pass ops that
+compute dX/dW inside the forward (``backends.token_local``; 3 GEMM-eq when the memory budget
+holds a chunk of logits); both are tested equal to the composed path. Under vocabulary
+parallelism (``vocab_parallel_group=``, every front-end), under torch.compile and during CUDA
+graph capture the composed path is used. The [N, V] logits are never materialised on the triton and torch
 backends.
 
 Layouts: padded ``hidden [B, T, H]`` with ``targets [B, T]`` (rows equal to ``ignore_index`` are
@@ -23,7 +25,7 @@ from . import functional as Fn
 from .backends import resolve_backend
 from .logprobs import grad_wanted, linear_logprobs
 from .sequences import check_like, group_index, make_layout
-from .validation import check_linear_inputs, check_logprob_input
+from .validation import _capturing, check_linear_inputs, check_logprob_input
 
 __all__ = [
     "gift_loss", "grpo_loss", "group_advantages", "dpo_loss", "ipo_loss", "simpo_loss",
@@ -77,13 +79,16 @@ def _token_local(hidden, weight, targets, bias, temperature, ignore_index, backe
                  cu_seqlens, epilogue, vocab_parallel_group=None):
     """Token-local losses (dL/dlogp_n depends on row n only): ``epilogue(logps, mask)``.
 
-    On the triton backend, with gradients wanted, the one-pass op computes dX/dW inside the
-    forward (backward only scales them); elsewhere, and under vocabulary parallelism, log-probs
-    and epilogue are composed.
+    On the triton and torch backends, with gradients wanted, the one-pass op computes dX/dW
+    inside the forward (backward only scales them). Log-probs and epilogue are composed under
+    vocabulary parallelism, and under torch.compile or CUDA graph capture, where the one-pass
+    op (a Python loop over chunks around autograd calls) is not a graph node: 4 GEMM-eq there.
     """
     _check_layout(hidden, targets, cu_seqlens)
+    name = resolve_backend(backend, hidden.device)
     if (grad_wanted(hidden, weight, bias) and vocab_parallel_group is None
-            and resolve_backend(backend, hidden.device) == "triton"):
+            and name in ("triton", "torch") and not torch.compiler.is_compiling()
+            and not _capturing(hidden)):
         from .backends.triton_token_local import one_pass_token_local
         h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
                                            ignore_index)
@@ -91,7 +96,7 @@ def _token_local(hidden, weight, targets, bias, temperature, ignore_index, backe
         return one_pass_token_local(h2, weight, bias, t1,
                                     lambda lp: epilogue(lp.reshape(lead), mask),
                                     temperature=temperature, softcap=softcap,
-                                    ignore_index=ignore_index)
+                                    ignore_index=ignore_index, backend=name)
     logps = _policy_logps(hidden, weight, targets, bias, temperature, ignore_index, backend, softcap,
                           vocab_parallel_group)
     return epilogue(logps, targets != ignore_index)

@@ -176,10 +176,12 @@ def plan_recompute(n_rows: int, n_live: int, vocab: int, hidden: int, element_si
 def stored_logits_bytes(rows: int, vocab: int, hidden: int, element_size: int, chunks: int,
                         need_dw: bool = True, need_db: bool = False, n_rows: int = 0) -> int:
     """Peak scratch of the stored-logits plans: float32 logits of ``rows`` rows, their gradient
-    D in the input dtype (float32 inputs: in place), float32 dW / db sums when there is more
-    than one chunk of 16-bit rows (one chunk writes dW = D.T @ X once)."""
+    D in the input dtype (float32 inputs: in place), the rows of X with dead rows zeroed (for
+    dW), float32 dW / db sums when there is more than one chunk of 16-bit rows (one chunk
+    writes dW = D.T @ X once)."""
     e = element_size
     total = n_rows * PER_ROW_BYTES + rows * vocab * 4 + (rows * vocab * e if e != 4 else 0)
+    total += rows * hidden * e if need_dw else 0
     if chunks > 1:
         total += vocab * hidden * 4 if (need_dw and e != 4) else 0
         total += vocab * 4 if need_db else 0
@@ -188,14 +190,16 @@ def stored_logits_bytes(rows: int, vocab: int, hidden: int, element_size: int, c
 
 def plan_token_local(n_rows: int, vocab: int, hidden: int, element_size: int,
                      need_dx: bool = True, need_dw: bool = True, need_db: bool = False,
-                     budget: int = CPU_BUDGET) -> Plan:
+                     budget: int = CPU_BUDGET, fixed_bytes: int = 0) -> Plan:
     """Stream chunks of rows (3 GEMM-eq), the widest the budget allows; else the recompute plan
-    of every row (4 GEMM-eq). Raises BudgetTooSmall naming the least budget of either."""
+    of every row (4 GEMM-eq). Raises BudgetTooSmall naming the least budget of either.
+    ``fixed_bytes``: a backend's own scratch of the stream besides these buffers (the torch
+    backend's float32 copies of a 16-bit weight and its tile buffer)."""
     n = max(1, n_rows)
 
     def cost(rows):
-        return stored_logits_bytes(rows, vocab, hidden, element_size, -(-n // rows), need_dw,
-                                   need_db, n)
+        return fixed_bytes + stored_logits_bytes(rows, vocab, hidden, element_size,
+                                                 -(-n // rows), need_dw, need_db, n)
     if cost(n) <= budget:
         return Plan("stream", "rows", n, cost(n), 3)
     # Past one chunk the float32 dW sum joins (16-bit), so the cost jumps at rows < n.

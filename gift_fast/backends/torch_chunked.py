@@ -316,3 +316,80 @@ def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, s
     return Grads(*chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
                                    temperature, softcap, need_hidden=need_dx,
                                    need_weight=need_dw, need_bias=need_db, compact=compact))
+
+
+# -- the stream plan of token-local losses (``token_local``) ----------------------------------
+
+# Columns of the chunk processed per elementwise step when a second [rows, cols] buffer is
+# needed (the log-sum-exp's exponentials, the softcap factor): 1 Mi elements at most.
+STREAM_TILE_ELEMENTS = 1 << 20
+
+
+def stream_dtypes(dtype: torch.dtype):
+    """(stored logits, GEMM operands): both the accumulation dtype (the CPU GEMMs run in it)."""
+    acc = accumulation_dtype(dtype)
+    return acc, acc
+
+
+def stream_fixed_bytes(n_rows: int, vocab: int, hidden: int, dtype, need_dw: bool) -> int:
+    """Scratch of the stream beyond the planner's buffers: the tile buffer, and for 16-bit inputs
+    float32 copies of the weight, of its gradient and of a chunk's dX."""
+    acc = accumulation_dtype(dtype)
+    size = torch.empty((), dtype=acc).element_size()
+    fixed = min(STREAM_TILE_ELEMENTS, n_rows * vocab) * size
+    if acc != dtype:
+        fixed += vocab * hidden * size * (2 if need_dw else 1) + n_rows * hidden * size
+    return fixed
+
+
+def _stream_cols(rows: int, vocab: int) -> int:
+    return max(1, min(vocab, STREAM_TILE_ELEMENTS // max(1, rows)))
+
+
+@torch.no_grad()
+def stream_logits(x, weight, bias, y, temperature, softcap, z):
+    """Writes the logits of the rows of ``x`` into ``z`` [rows, V]; returns (lse, target_logit).
+    ``y``: local targets, -1 for none (target_logit 0)."""
+    rows, vocab = z.shape
+    _logit_tile(x.to(z.dtype), weight, bias, 0, vocab, softcap, temperature, z)
+    has = y >= 0
+    target_logit = torch.where(has, z.gather(1, y.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    m = z.amax(1)
+    s = torch.zeros_like(m)
+    cols = _stream_cols(rows, vocab)
+    tile = torch.empty(rows * cols, dtype=z.dtype, device=z.device)
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        t = torch.sub(z[:, v0:v1], m[:, None], out=tile[:rows * (v1 - v0)].view(rows, v1 - v0))
+        s += _exp_(t).sum(1)
+    return m + torch.log(s), target_logit
+
+
+@torch.no_grad()
+def stream_dlogits(z, y, g, lse, temperature, softcap, out):
+    """D = [g (onehot - p)] / T * softcap' of the rows whose logits are ``z``, in place
+    (``out`` is ``z``); rows with g = 0 get exactly 0 (their logits may be non-finite)."""
+    rows, vocab = z.shape
+    inv_t = 1.0 / temperature
+    g_t = (g * inv_t).to(z.dtype)
+    dead = (g == 0)[:, None]
+    has = y >= 0
+    cols = _stream_cols(rows, vocab)
+    tile = (torch.empty(rows * cols, dtype=z.dtype, device=z.device)
+            if softcap is not None else None)
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        blk = z[:, v0:v1]
+        if softcap is not None:
+            # d softcap(raw) / d raw = 1 - tanh^2, with tanh = z * T / c (before z is reused).
+            fac = torch.mul(blk, temperature / softcap,
+                            out=tile[:rows * (v1 - v0)].view(rows, v1 - v0))
+            fac.mul_(fac).neg_().add_(1.0)
+        _exp_(blk.sub_(lse[:, None].to(z.dtype))).mul_(-g_t[:, None])
+        here = has & (y >= v0) & (y < v1)
+        blk.scatter_add_(1, (y - v0).clamp_(0, v1 - v0 - 1)[:, None],
+                         torch.where(here, g_t, 0.0)[:, None])
+        if softcap is not None:
+            blk.mul_(fac)
+        blk.masked_fill_(dead, 0.0)
+    return z

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from ..kernels import dlogits, dot_precision, logprob_forward_stats
+from ..kernels import dlogits, dlogits_from_logits, dot_precision, logprob_forward_stats
 from . import plan as planner
 from .blas import mm_into
 from .protocol import Grads, RowStats
@@ -210,3 +210,28 @@ def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, s
         d_weight = dw_sum.to(weight.dtype) if need_dw else None
         d_bias = db32.to(bias.dtype) if need_db else None
     return Grads(d_hidden, d_weight, d_bias)
+
+
+# -- the stream plan of token-local losses (``token_local``) ----------------------------------
+
+def stream_dtypes(dtype: torch.dtype):
+    """(stored logits, GEMM operands): float32 logits; D and the cuBLAS GEMMs in the input dtype."""
+    return torch.float32, dtype
+
+
+def stream_fixed_bytes(n_rows: int, vocab: int, hidden: int, dtype, need_dw: bool) -> int:
+    """Scratch of the stream beyond the planner's buffers: none."""
+    return 0
+
+
+def stream_logits(x, weight, bias, y, temperature, softcap, z):
+    """Writes the float32 logits of the rows of ``x`` into ``z``; returns (lse, target_logit)."""
+    _check_dtype(x)
+    lse, target_logit, _, _ = logprob_forward_stats(x, weight, bias, y, temperature, softcap,
+                                                    False, logits_out=z)
+    return lse, target_logit
+
+
+def stream_dlogits(z, y, g, lse, temperature, softcap, out):
+    """D of the rows whose logits are ``z`` into ``out`` (``z`` itself for float32)."""
+    return dlogits_from_logits(z, y, g, lse, temperature, softcap, out)
