@@ -78,12 +78,15 @@ def test_token_local_plans_match_float64(shape, backend, dtype, kind):
     module = get_backend(backend)
     plan = planner.plan_token_local(
         N, V, H, torch.empty((), dtype=elt).element_size(), True, True, b is not None,
-        budget=budget, fixed_bytes=module.stream_fixed_bytes(N, V, H, dtype, True))
+        budget=budget, fixed_bytes=module.stream_fixed_bytes(N, V, H, dtype, True),
+        recompute_minimum=module.recompute_minimum(N, V, H, dtype, True, kw["softcap"]))
     want = {"one": ("stream", N), "chunks": ("stream", min(2, N))}.get(kind)
     if want:
         assert (plan.kind, plan.step) == want
     else:
-        assert plan.kind == "recompute" and -(-V // plan.step) >= 2
+        assert plan.kind == "recompute" and plan.gemm_eq == 4
+        if backend == "triton":
+            assert -(-V // plan.step) >= 2          # several vocabulary blocks
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
     mask = targets != -100

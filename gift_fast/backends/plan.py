@@ -190,11 +190,14 @@ def stored_logits_bytes(rows: int, vocab: int, hidden: int, element_size: int, c
 
 def plan_token_local(n_rows: int, vocab: int, hidden: int, element_size: int,
                      need_dx: bool = True, need_dw: bool = True, need_db: bool = False,
-                     budget: int = CPU_BUDGET, fixed_bytes: int = 0) -> Plan:
+                     budget: int = CPU_BUDGET, fixed_bytes: int = 0,
+                     recompute_minimum: Optional[int] = None) -> Plan:
     """Stream chunks of rows (3 GEMM-eq), the widest the budget allows; else the recompute plan
     of every row (4 GEMM-eq). Raises BudgetTooSmall naming the least budget of either.
     ``fixed_bytes``: a backend's own scratch of the stream besides these buffers (the torch
-    backend's float32 copies of a 16-bit weight and its tile buffer)."""
+    backend's float32 copies of a 16-bit weight and its tile buffer). ``recompute_minimum``:
+    a backend that sizes its recompute tiles itself (torch) gives its least budget; the plan's
+    ``step`` is then 0 (the backend's choice)."""
     n = max(1, n_rows)
 
     def cost(rows):
@@ -206,13 +209,17 @@ def plan_token_local(n_rows: int, vocab: int, hidden: int, element_size: int,
     rows = _widest(cost, n - 1, budget) if n > 1 else 0
     if rows:
         return Plan("stream", "rows", rows, cost(rows), 3)
+    what = f"a token-local loss of {n_rows} rows, V={vocab}, H={hidden}"
+    if recompute_minimum is not None:
+        if recompute_minimum <= budget:
+            return Plan("recompute", "rows", 0, recompute_minimum, 4)
+        raise BudgetTooSmall(budget, min(recompute_minimum, cost(1), cost(n)), what)
     try:
         return plan_recompute(n_rows, n_rows, vocab, hidden, element_size, need_dx, need_dw,
                               need_db, budget)
     except BudgetTooSmall as err:
         least = min(err.minimum, cost(1), cost(n))
-        raise BudgetTooSmall(budget, least, f"a token-local loss of {n_rows} rows, V={vocab}, "
-                             f"H={hidden}") from None
+        raise BudgetTooSmall(budget, least, what) from None
 
 
 def plan_two_phase(n_rows: int, n_live: int, vocab: int, hidden: int, element_size: int,

@@ -92,16 +92,16 @@ def _two_phase(name, hidden, weight, bias, y, active, epilogue, temperature, sof
                budget):
     """The recompute plan: statistics of all rows, the epilogue, the backend's backward."""
     backend = get_backend(name)
+    kw = dict(budget=budget) if name == "torch" else {}
     logp, _, _, lse = single_device(backend.stats(
-        hidden, weight, bias, y, temperature, softcap, want_entropy=False, want_argmax=False),
-        active)
+        hidden, weight, bias, y, temperature, softcap, want_entropy=False, want_argmax=False,
+        **kw), active)
     loss, metrics, g = _row_grad(epilogue, logp)
     if not any(need):
         return loss, metrics, (None, None, None)
     g = torch.where(active, g, 0.0)
-    kw = dict(budget=budget) if name == "triton" else {}
     grads = backend.grad(hidden, weight, bias, y, lse, None, g, None, temperature, softcap,
-                         need_dx=need[0], need_dw=need[1], need_db=need[2], **kw)
+                         need_dx=need[0], need_dw=need[1], need_db=need[2], budget=budget)
     return loss, metrics, tuple(grads)
 
 
@@ -119,7 +119,9 @@ class OnePassTokenLocal(torch.autograd.Function):
         budget = planner.memory_budget(hidden.device, budget)
         fixed = module.stream_fixed_bytes(N, V, H, hidden.dtype, need[1])
         elt = torch.empty((), dtype=module.stream_dtypes(hidden.dtype)[1]).element_size()
-        plan = planner.plan_token_local(N, V, H, elt, *need, budget=budget, fixed_bytes=fixed)
+        plan = planner.plan_token_local(
+            N, V, H, elt, *need, budget=budget, fixed_bytes=fixed,
+            recompute_minimum=module.recompute_minimum(N, V, H, hidden.dtype, need[1], softcap))
         box["plan"] = plan
         if plan.kind == "stream":
             loss, metrics, grads = _stream(module, hidden, weight, bias, y, active, epilogue,

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import plan as planner
 from .protocol import Grads, RowStats
 
 
@@ -77,7 +78,7 @@ def tile_shape(n_rows: int, vocab: int, chunk_elements: Optional[int] = None):
     """(rows per block, vocabulary columns per tile); rows * columns <= max(chunk_elements, rows).
     ``chunk_elements`` defaults to ``CHUNK_ELEMENTS`` as it is at call time."""
     chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    rows = max(1, min(n_rows, ROW_BLOCK))
+    rows = max(1, min(n_rows, ROW_BLOCK, chunk_elements))
     cols = max(1, min(vocab, chunk_elements // rows))
     return rows, cols
 
@@ -302,20 +303,62 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return d_hidden, d_weight, d_bias
 
 
+def _budget_parts(n_rows, vocab, hidden, dtype, buffers, need_dw):
+    """(bytes independent of the tile size, bytes per tile element) of a chunked pass."""
+    acc = accumulation_dtype(dtype)
+    size = torch.empty((), dtype=acc).element_size()
+    rows = max(1, min(n_rows, ROW_BLOCK))
+    fixed = n_rows * planner.PER_ROW_BYTES + 2 * rows * hidden * size     # x and dX of a block
+    per_element = buffers * size
+    if acc != dtype:
+        fixed += vocab * hidden * size if need_dw else 0      # float32 dW of a 16-bit weight
+        per_element += -(-hidden * size // rows)               # float32 copy of the W tile
+    return fixed, per_element
+
+
+def recompute_minimum(n_rows, vocab, hidden, dtype, need_dw, softcap) -> int:
+    """The least budget of stats + grad (no entropy gradient): one-element tiles."""
+    fixed, per_element = _budget_parts(n_rows, vocab, hidden, dtype,
+                                       1 + (softcap is not None), need_dw)
+    return fixed + per_element
+
+
+def budget_chunk_elements(n_rows: int, vocab: int, hidden: int, dtype, buffers: int,
+                          need_dw: bool, budget: int) -> int:
+    """Elements of one logits tile (``buffers`` tiles live at once) such that a chunked pass
+    stays within ``budget`` bytes (:mod:`.plan`), at most ``CHUNK_ELEMENTS`` (past it CPU BLAS
+    gains nothing, see there). Raises ``plan.BudgetTooSmall`` naming the minimum."""
+    fixed, per_element = _budget_parts(n_rows, vocab, hidden, dtype, buffers, need_dw)
+    elements = (budget - fixed) // per_element
+    if elements < 1:
+        raise planner.BudgetTooSmall(budget, fixed + per_element,
+                                     f"a chunked pass over {n_rows} rows, V={vocab}, H={hidden}")
+    return min(CHUNK_ELEMENTS, elements)
+
+
 def stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy,
-          want_argmax=True) -> RowStats:
-    """The protocol's statistics (:mod:`.protocol`), in float32 (float64 for float64 inputs)."""
+          want_argmax=True, budget=None) -> RowStats:
+    """The protocol's statistics (:mod:`.protocol`), in float32 (float64 for float64 inputs);
+    tiles within the memory budget of :mod:`.plan` (``budget`` bytes, default the process's)."""
+    elements = budget_chunk_elements(
+        hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, 1 + want_entropy,
+        False, planner.memory_budget(hidden.device, budget))
     st = chunked_forward(hidden, weight, bias, local_targets, temperature, softcap, None,
-                         want_entropy, want_argmax)
+                         want_entropy, want_argmax, chunk_elements=elements)
     return RowStats(st.lse, st.target_logit, st.entropy, st.argmax, st.max_logit)
 
 
 def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
-         need_dx, need_dw, need_db, compact: bool = True) -> Grads:
-    """The protocol's gradients (:mod:`.protocol`)."""
+         need_dx, need_dw, need_db, compact: bool = True, budget=None) -> Grads:
+    """The protocol's gradients (:mod:`.protocol`); tiles within the memory budget."""
+    elements = budget_chunk_elements(
+        hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype,
+        1 + (e is not None) + (softcap is not None), need_dw,
+        planner.memory_budget(hidden.device, budget))
     return Grads(*chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
                                    temperature, softcap, need_hidden=need_dx,
-                                   need_weight=need_dw, need_bias=need_db, compact=compact))
+                                   need_weight=need_dw, need_bias=need_db, compact=compact,
+                                   chunk_elements=elements))
 
 
 # -- the stream plan of token-local losses (``token_local``) ----------------------------------

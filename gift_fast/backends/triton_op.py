@@ -224,6 +224,11 @@ def stream_fixed_bytes(n_rows: int, vocab: int, hidden: int, dtype, need_dw: boo
     return 0
 
 
+def recompute_minimum(n_rows, vocab, hidden, dtype, need_dw, softcap):
+    """None: the planner's own model of :func:`grad` (``plan.recompute_extra_bytes``) applies."""
+    return None
+
+
 def stream_logits(x, weight, bias, y, temperature, softcap, z):
     """Writes the float32 logits of the rows of ``x`` into ``z``; returns (lse, target_logit)."""
     _check_dtype(x)
