@@ -62,6 +62,10 @@ def _stream(backend, hidden, weight, bias, y, active, epilogue, temperature, sof
         dw_sum = torch.empty(weight.shape, dtype=dw_dtype, device=dev)
     db32 = torch.zeros(V, dtype=z_dtype, device=dev) if need_db else None
     logp = torch.zeros(N, dtype=z_dtype, device=dev)
+    if N == 0:                    # no rows: the loss of nothing, zero gradients
+        loss, metrics, _ = _row_grad(epilogue, logp)
+        if need_dw:
+            dw_sum.zero_()
     for start in range(0, N, step):
         stop = min(N, start + step)
         zc, dc = z[:stop - start], d[:stop - start]
