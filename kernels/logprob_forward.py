@@ -127,24 +127,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward_config(V: int, H: int, dtype, target, aligned: bool = True) -> dict:
+def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
+                   store_logits: bool = False) -> dict:
     """Tile sizes and vocabulary split, a function of (V, H, dtype, target, operand alignment)
-    only, never of N: batch-invariant by design. Checked for every target by
+    only, never of N: batch-invariant by design; ``store_logits`` (the kernel also writes the
+    logits) may change warps / stages, never the tiles. Checked for every target by
     ``python -m gift_fast.compile_targets``."""
     if target == INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
     if dtype == torch.float32:
         # float32 runs on FMA (no TF32): the operands of the dot live in registers, so with
-        # bias, softcap and entropy a 64-row tile sat at 255 registers and spilled. On sm_80
-        # the second stage spilled too with unaligned rows (one stage: no spill, 168 regs).
+        # bias, softcap and entropy a 64-row tile sat at 255 registers and spilled. A second
+        # stage spilled on sm_80 with unaligned rows, and on sm_90 with bias + softcap + the
+        # logits store; one stage spilled on sm_90 with bias + softcap + entropy. Stages only
+        # pipeline the loads (the tiles, hence the sums, are the same): no effect on the bits.
         return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4,
-                    num_stages=2 if target >= 90 else 1, v_per_split=8192)
+                    num_stages=2 if target >= 90 and not store_logits else 1, v_per_split=8192)
     if not aligned:
         # Rows not 16-aligned are loaded element by element with a 64-bit address each: a
-        # thin K step (16) keeps those registers few; 4 warps give 3 blocks per SM. On sm_100
-        # bias + entropy spilled 12-16 B at 4 warps: 8 warps there.
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8 if target >= 100 else 4,
-                    num_stages=2, v_per_split=8192)
+        # thin K step (16) keeps those registers few. At 4 warps, sm_100 spilled 12-16 B with
+        # bias + entropy and sm_80 reached 255 registers with bias + softcap + the logits
+        # store (STORE_LOGITS): 8 warps halve each thread's share of the tile.
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2,
+                    v_per_split=8192)
     # 16-bit, aligned: BLOCK_H=64 reached 254 registers (1 block/SM) with bias, softcap and
     # entropy on; BLOCK_H=32 needs about half, so two blocks share an SM.
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
@@ -207,7 +212,8 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     V = w.shape[0]
     target = launch_target(x)
     aligned = aligned16(x, w, *x.stride(), *w.stride())
-    cfg = dict(forward_config(V, H, x.dtype, target, aligned), **(config or {}))
+    cfg = dict(forward_config(V, H, x.dtype, target, aligned, logits_out is not None),
+               **(config or {}))
     v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     n_split = triton.cdiv(V, v_per_split)
     parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)

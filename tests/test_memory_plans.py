@@ -17,7 +17,7 @@ from gift_fast import fdiv_sft_loss, grpo_loss, linear_logprobs
 from gift_fast.backends import plan as planner
 from gift_fast.backends.protocol import get_backend
 from gift_fast.backends.triton_token_local import one_pass_token_local
-from helpers import LargestAllocation, assert_within, loss_rounding_bounds
+from helpers import U32, LargestAllocation, assert_within, gamma, loss_rounding_bounds
 
 # (B, T, H, V, bias, temperature, softcap, ignored rows per sequence)
 SHAPES = {
@@ -212,3 +212,34 @@ def test_token_local_plan_prefers_the_stream_and_falls_back():
     # A budget below a single row of logits but above the recompute's minimum: 4 GEMM-eq.
     fallback = planner.plan_token_local(n, v, h, 4, budget=v * 4)
     assert fallback.kind == "recompute" and fallback.gemm_eq == 4
+
+
+def test_storing_logits_keeps_the_tiles_and_the_bits():
+    """The stream plan's forward (logits stored) runs the tiles of the statistics-only forward on
+    every target, so a row's log-prob has the same bits in both (the anchor pass of a loss that
+    streams matches its policy pass)."""
+    from gift_fast.backends import triton_op
+    from gift_fast.kernels.logprob_forward import forward_config
+    from gift_fast.kernels.target import INTERPRETER
+    tiles = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "v_per_split")
+    for target in (INTERPRETER, 80, 90, 100):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for aligned in (True, False):
+                a = forward_config(151936, 4096, dtype, target, aligned)
+                b = forward_config(151936, 4096, dtype, target, aligned, store_logits=True)
+                assert {k: a[k] for k in tiles} == {k: b[k] for k in tiles}
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(13, 24, generator=g), torch.randn(75, 24, generator=g)
+    b, y = torch.randn(75, generator=g), torch.randint(0, 75, (13,), generator=g)
+    st = triton_op.stats(x, w, b, y, 0.7, 4.0, want_entropy=False)
+    z = torch.empty(13, 75)
+    lse, target_logit = triton_op.stream_logits(x, w, b, y, 0.7, 4.0, z)
+    assert torch.equal(lse, st.lse) and torch.equal(target_logit, st.target_logit)
+    # The stored logits are the transformed logits: the float32 sum of H + 1 terms errs by
+    # gamma(H + 1) sum|terms|, which softcap (slope <= 1) passes on; its tanh, computed as
+    # 1 - 2 / (exp(2u) + 1) with exp within 2 ulp, adds at most 8u of c; the division by T and
+    # the multiplication by c one rounding each (u |z|).
+    ref = (4.0 * torch.tanh((x.double() @ w.double().T + b.double()) / 4.0)) / 0.7
+    size = x.double().abs() @ w.double().abs().T + b.double().abs()
+    bound = (gamma(25) * size + 8 * U32 * 4.0) / 0.7 + 2 * U32 * ref.abs()
+    assert_within("stored logits", z, ref, bound)
