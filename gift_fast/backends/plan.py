@@ -22,7 +22,8 @@ than 4 nats below the max).
 
 The process default budget (:func:`memory_budget`): ``set_memory_budget(bytes)``, else the
 environment variable ``GIFT_FAST_MEMORY_BUDGET`` (bytes), else on CUDA ``DEVICE_FRACTION`` of
-the device's free memory capped at ``DEVICE_CAP``, on CPU ``CPU_BUDGET``. ``use_memory_budget``
+the device's free memory at the first call on that device, capped at ``DEVICE_CAP``; on CPU
+``CPU_BUDGET``. ``use_memory_budget``
 sets it for the calls inside a ``with`` block (this thread only).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ ALIGN = 128                     # multiples of 128 rows / columns keep the GEMM 
 PER_ROW_BYTES = 32              # row ids, targets, g, lse, ... of the rows in flight
 
 _process_budget: Optional[int] = None
+_device_budgets: dict = {}
 _scoped = threading.local()
 
 
@@ -84,9 +86,15 @@ def memory_budget(device=None, budget: Optional[int] = None) -> int:
     if env:
         return _check_budget(int(env))
     if device is not None and getattr(device, "type", device) == "cuda":
+        # Read once per device and process: no driver query on every call (nor inside a
+        # CUDA graph capture after the first eager call).
         import torch
-        free, _total = torch.cuda.mem_get_info(device)
-        return max(1, min(DEVICE_CAP, int(free * DEVICE_FRACTION)))
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        if index not in _device_budgets:
+            free, _total = torch.cuda.mem_get_info(index)
+            _device_budgets[index] = max(1, min(DEVICE_CAP, int(free * DEVICE_FRACTION)))
+        return _device_budgets[index]
     return CPU_BUDGET
 
 
