@@ -204,8 +204,10 @@ def test_no_n_by_v_tensor_is_allocated(backend, monkeypatch):
     N, H, V = 48, 16, 96
     monkeypatch.setattr(tc, "CHUNK_ELEMENTS", 16 * V)
     # A budget of one 16 x V float32 buffer (+ the per-row vectors): every row live, float32,
-    # the backward's dX / dW sums are the gradients themselves.
-    monkeypatch.setattr(plan, "_process_budget", 16 * V * 4 + N * plan.PER_ROW_BYTES)
+    # the backward's dX / dW sums are the gradients themselves; the torch backend also counts
+    # its float32 copies of a block of X and of its dX (torch_chunked.budget_chunk_elements).
+    monkeypatch.setattr(plan, "_process_budget", 16 * V * 4 + N * plan.PER_ROW_BYTES
+                        + (2 * N * H * 4 if backend == "torch" else 0))
     hidden, weight, _, targets = make_inputs(N, H, V, torch.float32, False, 0.0, seed=6)
     hidden.requires_grad_(); weight.requires_grad_()
     with LargestAllocation() as spy:
