@@ -10,9 +10,9 @@ bf16/fp16, FMA for fp32 since the kernels use ``input_precision="ieee"`` there),
 kernel = max(compute, memory) (a roofline), summed over kernels, plus launch and sync latency.
 
 Launch configurations are read from the code, never copied: ``forward_config``, ``dlogits_config``,
-``matmul_config`` (kernels/) and ``plan_backward`` / ``backward_chunk_rows`` /
-``BACKWARD_CHUNK_BYTES`` (gift_fast/backends/triton_op.py). ``_launch_configs`` is the one adapter
-between this model and those functions' signatures.
+and ``plan_backward`` (gift_fast/backends/triton_op.py, on gift_fast/backends/plan.py; budget
+``MODEL_BUDGET``). The plain GEMMs (dX, dW) are cuBLAS, modelled with the tile ``CUBLAS_TILE``.
+``_launch_configs`` is the one adapter between this model and those functions' signatures.
 
 Published peak numbers (dense, no sparsity; NVIDIA datasheets):
   H100 SXM5: 989 TFLOP/s bf16/fp16 tensor, 67 TFLOP/s fp32 (non-tensor), 3.35 TB/s HBM3,
@@ -32,7 +32,7 @@ Assumptions, applied equally to gift_fast and to the peers:
     (L2 shares it), nothing survives between waves. Blocks per SM follow from the tile's shared
     memory (num_stages x (BLOCK_M + BLOCK_N) x BLOCK_K x element size), the 64 warps per SM and a
     register estimate (accumulator tile / threads + 64 per thread). The peers' cuBLAS GEMMs are
-    given the tile traffic of our own ``matmul_config`` (their real tiles are not public).
+    given the same tile traffic, ``CUBLAS_TILE`` (cuBLAS's real tiles are not public).
   - Launch latency ``LAUNCH_S`` = 4 us per kernel, a host sync ``SYNC_S`` = 20 us (the GPU idles
     while the host catches up). Small torch ops (masks, gathers, casts) are counted as memory-bound
     kernels.
@@ -109,12 +109,22 @@ def _call_config(fn, **available):
     return fn(**{k: v for k, v in available.items() if k in params})
 
 
+# The tile the model gives every cuBLAS GEMM (ours and the peers'): a typical Hopper/Ampere
+# 16-bit cuBLAS/CUTLASS tile; an assumption of the model, not a configuration of the code.
+CUBLAS_TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def MODEL_BUDGET(n: int, h: int) -> int:
+    """The memory budget the model plans with: the issue's recompute goal, 4 N H + 128 MiB."""
+    return 4 * n * h + (128 << 20)
+
+
 def _launch_configs(V: int, H: int, dtype: str, gpu: GPU) -> dict:
     """The launch configurations the code uses on this GPU for these sizes: the config functions of
     gift_fast.kernels take the dtype, the target (CUDA capability, as ``kernels.target`` gives it)
     and whether every operand is 16-byte aligned (large aligned shapes are)."""
     import torch
-    from gift_fast.kernels import gemm, logprob_backward, logprob_forward
+    from gift_fast.kernels import logprob_backward, logprob_forward
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     available = dict(V=V, H=H, vocab=V, hidden=H, interpreted=False, dtype=torch_dtype,
                      capability=gpu.capability, cc=gpu.capability,
@@ -123,11 +133,12 @@ def _launch_configs(V: int, H: int, dtype: str, gpu: GPU) -> dict:
     fwd["v_per_split"] = math.ceil(fwd["v_per_split"] / fwd["BLOCK_V"]) * fwd["BLOCK_V"]
     return dict(forward=fwd,
                 dlogits=dict(_call_config(logprob_backward.dlogits_config, **available)),
-                matmul=dict(_call_config(gemm.matmul_config, **available)))
+                matmul=dict(CUBLAS_TILE))
 
 
 def _backward_plan(n_rows, n_live, V, H, dtype, budget=None, order=None, need_db=False):
     from gift_fast.backends import triton_op
+    budget = MODEL_BUDGET(n_rows, H) if budget is None else budget
     return triton_op.plan_backward(n_rows, n_live, V, H, DTYPE_BYTES[dtype], need_dx=True,
                                    need_dw=True, need_db=need_db, order=order, budget=budget)
 
@@ -204,7 +215,7 @@ class Model:
         return self.gpu.sms * _blocks_per_sm(cfg, self.e, self.gpu, bm, bn, bk)
 
     def gemm(self, name, M, N, K, out_bytes, accumulate=False, launches=1, ea=None, eb=None):
-        """One launch of our matmul kernel (and the peers' GEMMs): C[M, N] (+)= A[M, K] B[K, N]."""
+        """One cuBLAS GEMM (ours and the peers'): C[M, N] (+)= A[M, K] B[K, N]."""
         cfg = self.cfg["matmul"]
         ea = self.e if ea is None else ea
         eb = self.e if eb is None else eb
@@ -266,8 +277,6 @@ class Model:
             blocks = [(plan.step, full)] + ([(rest, 1)] if rest else [])
             if partial:
                 ks.append(self.torch_op("gather x (live rows)", n_live * h * e, n_live * h * e))
-            # 16-bit, every row live: dX32 is split, high half in dX itself + int16 low half.
-            split = e == 2 and not partial
             for cols, count in blocks:
                 if not count:
                     continue
@@ -276,11 +285,9 @@ class Model:
                                     launches=count))
                 ks.append(self.gemm("dX32 += D @ W[block]", n_live, h, cols, 4,
                                     accumulate=True, launches=count))
-            # The first block writes the accumulator without reading it; a split one is
-            # written as bf16 only by the last block.
-            ks.append(Kernel("(first dX block does not read dX32)", 0, 0, -n_live * h * 4,
-                             -n_live * h * 2 if split else 0, 0))
-            if not split and (e != 4 or partial):
+            # The first block writes the accumulator without reading it.
+            ks.append(Kernel("(first dX block does not read dX32)", 0, 0, -n_live * h * 4, 0, 0))
+            if e != 4 or partial:
                 ks.append(self.torch_op("dX = dX32 (cast / scatter)", n_live * h * 4,
                                         n_live * h * e + (n * h * e if partial else 0),
                                         launches=2 if partial else 1))
@@ -332,10 +339,13 @@ class Model:
         dt = self.dtype
         plan_all = _backward_plan(n, n, v, h, dt)
         plan_live = _backward_plan(n, self.n_live, v, h, dt) if self.n_live else None
-        old_budget = 256 << 20       # the design at 3c51d40: rows order, 256 MiB chunk buffer
-        plan_old = _backward_plan(n, n, v, h, dt, budget=old_budget, order="rows")
-        plan_old_live = (_backward_plan(n, self.n_live, v, h, dt, budget=old_budget, order="rows")
-                         if self.n_live else None)
+        from gift_fast.backends.plan import recompute_extra_bytes
+
+        def old_budget(live):        # the design at 3c51d40: rows order, 256 MiB chunk buffer
+            return recompute_extra_bytes("rows", max(1, (256 << 20) // (v * e)), n, live, v, h, e)
+        plan_old = _backward_plan(n, n, v, h, dt, budget=old_budget(n), order="rows")
+        plan_old_live = (_backward_plan(n, self.n_live, v, h, dt, budget=old_budget(self.n_live),
+                                        order="rows") if self.n_live else None)
 
         fwd = self.forward_kernels()
         ops.append(Op("linear_logprobs forward", "gift_fast", fwd, self.forward_extra()))

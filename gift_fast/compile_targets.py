@@ -203,18 +203,20 @@ def _vocab_for(case: Case) -> int:
 
 
 @contextlib.contextmanager
-def _backward_chunk_rows(rows: Optional[int], vocab: int, element_size: int):
-    """Sets the triton backward's chunk budget so that a chunk holds ``rows`` rows."""
-    from .backends import triton_op
-    if rows is None or not hasattr(triton_op, "BACKWARD_CHUNK_BYTES"):
+def _backward_chunk_rows(rows: Optional[int], n: int, vocab: int, hidden: int,
+                         element_size: int):
+    """A memory budget under which the rows order of the triton backward takes chunks of about
+    ``rows`` rows, and the vocab order still fits (all rows live, or some dead)."""
+    from .backends import plan
+    if rows is None:
         yield
         return
-    saved = triton_op.BACKWARD_CHUNK_BYTES
-    triton_op.BACKWARD_CHUNK_BYTES = rows * vocab * element_size
-    try:
+    budget = max(plan.recompute_extra_bytes(order, step, n, live, vocab, hidden, element_size,
+                                            True, True, True)
+                 for order, step in (("rows", rows), ("vocab", min(vocab, 256)))
+                 for live in (n, n - 1))
+    with plan.use_memory_budget(budget):
         yield
-    finally:
-        triton_op.BACKWARD_CHUNK_BYTES = saved
 
 
 @contextlib.contextmanager
@@ -245,10 +247,9 @@ def _drive(case: Case, full: bool) -> None:
     kw = dict(bias=bias, softcap=30.0 if case.softcap else None, temperature=0.7,
               backend="triton")
     elt = torch.empty((), dtype=dtype).element_size()
-    with _backward_chunk_rows(case.chunk_rows, v, elt):
-        # Both loop orders of the backward (each has its own GEMM variants: the vocabulary order
-        # writes dW once and keeps dX in a split float32 accumulator).
-        # 16-bit inputs with every row live keep dX's float32 sum split in two 16-bit halves.
+    with _backward_chunk_rows(case.chunk_rows, n, v, h, elt):
+        # Both loop orders of the backward (their dlogits buffers are row chunks or column
+        # blocks: different strides), partial and all rows live.
         all_live = torch.randint(0, v, (n,), generator=g)
         runs = [(order, targets) for order in ("rows", "vocab")]
         if dtype != torch.float32:

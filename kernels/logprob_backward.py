@@ -5,8 +5,9 @@ For one chunk of rows (already compacted to rows whose upstream gradient is non-
     D[n, v] = d/d raw_{n,v} of  g_n * logp_n + e_n * H_n
             = [ g_n (1[v = y_n] - p_{n,v}) - e_n p_{n,v} (z_{n,v} - E_p[z_n]) ] / T * softcap'
 
-into a [chunk, V] buffer in the input dtype, which the GEMM kernel then turns into dX and dW.
-The buffer is bounded by the chunk size, never [N, V].
+into a [chunk, V] buffer in the input dtype, which cuBLAS then turns into dX and dW. The buffer
+is bounded by the chunk size, never [N, V]. ``dlogits_from_logits`` computes the same D from
+logits the forward kernel stored (float32) instead of recomputing them: no GEMM, one read of z.
 """
 import torch
 import triton
@@ -38,7 +39,16 @@ def _dlogits_kernel(
     acc = _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_xh,
                       stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
     z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+    dz = _dz(z, rows64, row_mask, cols, col_mask, Y, G, E, LSE, ENT, inv_temperature, softcap,
+             HAS_SOFTCAP, HAS_ENTROPY_GRAD)
+    tl.store(D + rows64[:, None] * stride_dn + cols64[None, :] * stride_dv,
+             dz.to(D.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
+
+@triton.jit
+def _dz(z, rows64, row_mask, cols, col_mask, Y, G, E, LSE, ENT, inv_temperature, softcap,
+        HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
+    """D of a tile from its transformed logits z (out-of-vocab columns at NEG_BIG)."""
     y = tl.load(Y + rows64, mask=row_mask, other=-1)
     g = tl.load(G + rows64, mask=row_mask, other=0.0)
     lse = tl.load(LSE + rows64, mask=row_mask, other=0.0)
@@ -54,8 +64,30 @@ def _dlogits_kernel(
         # = tanh(raw / c); out-of-vocab columns read 0 so the square cannot overflow.
         th = tl.where(col_mask[None, :], z, 0.0) * (1.0 / (inv_temperature * softcap))
         dz *= 1.0 - th * th
-    tl.store(D + rows64[:, None] * stride_dn + cols64[None, :] * stride_dv,
-             dz.to(D.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    return dz
+
+
+@triton.jit
+def _dlogits_from_logits_kernel(
+    Z, Y, G, LSE, D, C, V, stride_zn, stride_dn, inv_temperature, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """D from stored float32 logits. A row with g = 0 gets exactly 0 (its logits may be
+    non-finite: an ignored row's hidden state is never read by the loss)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols64 = cols.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    z = tl.load(Z + rows64[:, None] * stride_zn + cols64[None, :], mask=mask, other=-1.0e30)
+    dz = _dz(z, rows64, row_mask, cols, col_mask, Y, G, G, LSE, LSE, inv_temperature, softcap,
+             HAS_SOFTCAP, False)
+    g = tl.load(G + rows64, mask=row_mask, other=0.0)
+    dz = tl.where(g[:, None] != 0.0, dz, 0.0)
+    tl.store(D + rows64[:, None] * stride_dn + cols64[None, :], dz.to(D.dtype.element_ty),
+             mask=mask)
 
 
 def dlogits_config(dtype, target, aligned: bool = True) -> dict:
@@ -74,6 +106,27 @@ def dlogits_config(dtype, target, aligned: bool = True) -> dict:
     # is still one 8-warp block per SM: occupancy traded for a 128-wide vocabulary tile, whose
     # loads of W are shared by 64 rows (a 4-warp 64 x 64 tile fits 3-4 blocks, loads W twice).
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+
+
+def from_logits_config(target) -> dict:
+    """Elementwise tile of ``dlogits_from_logits``: 16 KiB of float32 logits per program."""
+    if target == INTERPRETER:
+        return dict(BLOCK_N=16, BLOCK_V=32, num_warps=1, num_stages=1)
+    return dict(BLOCK_N=8, BLOCK_V=512, num_warps=4, num_stages=1)
+
+
+def dlogits_from_logits(z, y, g, lse, temperature, softcap, out):
+    """Fills ``out`` [C, V] (any float dtype, unit column stride; may be ``z`` itself) with D
+    for the rows whose float32 logits are ``z`` [C, V]; rows with g = 0 get 0."""
+    C, V = z.shape
+    if z.stride(1) != 1 or out.stride(1) != 1 or out.shape != z.shape:
+        raise ValueError("z, out: expected [C, V] tensors of one shape with unit column stride")
+    cfg = from_logits_config(launch_target(z))
+    grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    _dlogits_from_logits_kernel[grid](
+        z, y, g, lse, out, C, V, z.stride(0), out.stride(0), 1.0 / temperature,
+        float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None, **cfg)
+    return out
 
 
 def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision):

@@ -10,6 +10,10 @@ statistics with an online log-sum-exp:
 
 The slices' partial statistics are merged by ``_combine_kernel``. The number of slices and all
 tile sizes depend on V and H only, never on N: a row's result is bit-identical whatever the batch.
+
+``STORE_LOGITS`` also writes each tile's transformed logits z (float32) into a [rows, V] buffer:
+the stored-logits plans (``gift_fast/backends/plan.py``) form the loss gradient from them instead
+of recomputing them. The statistics are the same bits either way.
 """
 import torch
 import triton
@@ -55,11 +59,12 @@ def _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_x
 @triton.jit
 def _logprob_forward_kernel(
     X, W, B, Y,
-    M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
+    M_part, S_part, T_part, ZY_part, BEST_part, ARG_part, Z,
     N, V, H, v_per_split,
-    stride_xn, stride_xh, stride_wv, stride_wh,
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_zn,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -87,6 +92,9 @@ def _logprob_forward_kernel(
                           stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
                           DOT_PRECISION)
         z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+        if STORE_LOGITS:
+            tl.store(Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :], z,
+                     mask=row_mask[:, None] & col_mask[None, :])
 
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         tile_max = tl.max(z, axis=1)
@@ -119,24 +127,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward_config(V: int, H: int, dtype, target, aligned: bool = True) -> dict:
+def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
+                   store_logits: bool = False) -> dict:
     """Tile sizes and vocabulary split, a function of (V, H, dtype, target, operand alignment)
-    only, never of N: batch-invariant by design. Checked for every target by
+    only, never of N: batch-invariant by design; ``store_logits`` (the kernel also writes the
+    logits) may change warps / stages, never the tiles. Checked for every target by
     ``python -m gift_fast.compile_targets``."""
     if target == INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
     if dtype == torch.float32:
         # float32 runs on FMA (no TF32): the operands of the dot live in registers, so with
-        # bias, softcap and entropy a 64-row tile sat at 255 registers and spilled. On sm_80
-        # the second stage spilled too with unaligned rows (one stage: no spill, 168 regs).
+        # bias, softcap and entropy a 64-row tile sat at 255 registers and spilled. A second
+        # stage spilled on sm_80 with unaligned rows, and on sm_90 with bias + softcap + the
+        # logits store; one stage spilled on sm_90 with bias + softcap + entropy. Stages only
+        # pipeline the loads (the tiles, hence the sums, are the same): no effect on the bits.
         return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4,
-                    num_stages=2 if target >= 90 else 1, v_per_split=8192)
+                    num_stages=2 if target >= 90 and not store_logits else 1, v_per_split=8192)
     if not aligned:
         # Rows not 16-aligned are loaded element by element with a 64-bit address each: a
-        # thin K step (16) keeps those registers few; 4 warps give 3 blocks per SM. On sm_100
-        # bias + entropy spilled 12-16 B at 4 warps: 8 warps there.
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8 if target >= 100 else 4,
-                    num_stages=2, v_per_split=8192)
+        # thin K step (16) keeps those registers few. At 4 warps, sm_100 spilled 12-16 B with
+        # bias + entropy and sm_80 reached 255 registers with bias + softcap + the logits
+        # store (STORE_LOGITS): 8 warps halve each thread's share of the tile.
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2,
+                    v_per_split=8192)
     # 16-bit, aligned: BLOCK_H=64 reached 254 registers (1 block/SM) with bias, softcap and
     # entropy on; BLOCK_H=32 needs about half, so two blocks share an SM.
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
@@ -189,16 +202,18 @@ def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
 
 
 def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None,
-                          row_max=None):
+                          row_max=None, logits_out=None):
     """Launches the forward kernel. x [N, H], w [V, H], targets [N] (ignored rows: any value
     outside [0, V)). Returns float32 (lse, target_logit, entropy or None, argmax int64).
     ``row_max``: optional float32 [N] output, filled with each row's max logit (the value at
-    argmax; used to break argmax ties across vocabulary shards)."""
+    argmax; used to break argmax ties across vocabulary shards). ``logits_out``: optional
+    float32 [N, V] (unit column stride) that receives the transformed logits z."""
     N, H = x.shape
     V = w.shape[0]
     target = launch_target(x)
     aligned = aligned16(x, w, *x.stride(), *w.stride())
-    cfg = dict(forward_config(V, H, x.dtype, target, aligned), **(config or {}))
+    cfg = dict(forward_config(V, H, x.dtype, target, aligned, logits_out is not None),
+               **(config or {}))
     v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     n_split = triton.cdiv(V, v_per_split)
     parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)
@@ -210,15 +225,21 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     argmax = torch.empty(N, dtype=torch.int64, device=x.device)
     if N == 0:
         return lse, target_logit, entropy, argmax
+    if logits_out is not None and (logits_out.dtype != torch.float32
+                                   or logits_out.shape != (N, V) or logits_out.stride(1) != 1):
+        raise ValueError(f"logits_out: expected a float32 [{N}, {V}] tensor with unit column "
+                         f"stride, got {logits_out.dtype} {tuple(logits_out.shape)} "
+                         f"strides {logits_out.stride()}")
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), n_split)
     _logprob_forward_kernel[grid](
         x, w, b if b is not None else x, targets,
-        m, s, t, zy, best, arg,
+        m, s, t, zy, best, arg, logits_out if logits_out is not None else lse,
         N, V, H, v_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        logits_out.stride(0) if logits_out is not None else 0,
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
-        DOT_PRECISION=dot_precision(x.dtype), **cfg)
+        STORE_LOGITS=logits_out is not None, DOT_PRECISION=dot_precision(x.dtype), **cfg)
     ccfg = combine_config(target)
     _combine_kernel[(triton.cdiv(N, ccfg["BLOCK"]),)](
         m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,

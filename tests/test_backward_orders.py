@@ -9,10 +9,11 @@ import torch
 
 import gift_fast.backends.triton_op as to
 from gift_fast import linear_logprobs
-from gift_fast.backends.triton_op import (BackwardPlan, backward_block_cols, backward_chunk_rows,
-                                          dlogits_vocab_slice, plan_backward)
+from gift_fast.backends import plan as planner
+from gift_fast.backends.blas import mm_into
+from gift_fast.backends.triton_op import dlogits_vocab_slice, plan_backward
 from gift_fast.kernels import dlogits, dot_precision
-from helpers import assert_within, backend_rounding_bounds, linear_softmax_rounding_bounds
+from helpers import assert_within, backend_rounding_bounds, gamma, linear_softmax_rounding_bounds
 
 from helpers import dispatch_into_custom_ops
 
@@ -22,6 +23,13 @@ CASES = {
     "bias_softcap_entropy": (29, 24, 75, True, 0.7, 3.0, 0.3, True),
     "n1": (1, 19, 53, True, 1.0, None, 0.0, True),
 }
+
+
+def _budget_for(order, step, N, n_live, V, H, elt, need_db=True):
+    """The memory budget whose widest step of ``order`` is ``step`` (the planner's own cost)."""
+    return planner.recompute_extra_bytes(order, step, N, n_live, V, H, elt, True, True, need_db)
+
+
 # Results are checked elementwise against rounding bounds derived from the magnitudes of the
 # inputs (tests/helpers.py), not against a per-dtype tolerance.
 
@@ -59,10 +67,11 @@ def test_order_matches_float64(order, dtype, case, monkeypatch):
     inputs = _inputs(N, H, V, dtype, bias, ignored, seed=len(case))
     elt = torch.empty((), dtype=dtype).element_size()
     # About a third of the rows (or columns) per step: several steps, the last one ragged.
-    budget = max(N // 3, 1) * V * elt if order == "rows" else max(V // 3, 1) * N * elt
+    n_live = int((inputs[3] != -100).sum())          # ignored rows get no g and no e
+    step = max(n_live // 3, 1) if order == "rows" else max(V // 3, 1)
     monkeypatch.setattr(to, "BACKWARD_ORDER", order)
-    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", budget)
-    n_live = int((inputs[3] != -100).sum()) if not entropy else N
+    monkeypatch.setattr(planner, "_process_budget",
+                        _budget_for(order, step, N, n_live, V, H, elt, bias))
     plan = plan_backward(N, n_live, V, H, elt, need_db=bias)
     assert plan.order == order
     assert (-(-n_live // plan.step) if order == "rows" else -(-V // plan.step)) >= 2 or N == 1
@@ -84,7 +93,8 @@ def test_order_partial_rows_and_grad_subsets(order, monkeypatch):
     hidden, weight, b, targets, g_logp, _ = _inputs(N, H, V, torch.float32, True, 0.0, seed=4)
     g_logp[::3] = 0.0                                     # dead rows: never reach a GEMM
     monkeypatch.setattr(to, "BACKWARD_ORDER", order)
-    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 7 * 4 * (V if order == "rows" else N))
+    n_live = N - len(range(0, N, 3))
+    monkeypatch.setattr(planner, "_process_budget", _budget_for(order, 7, N, n_live, V, H, 4))
     for need in [(True, False, False), (False, True, True), (True, True, True)]:
         leaves = [t.clone().requires_grad_(r) for t, r in zip((hidden, weight, b), need)]
         outs = {}
@@ -107,7 +117,9 @@ def test_order_partial_rows_and_grad_subsets(order, monkeypatch):
 def test_order_is_deterministic(order, monkeypatch):
     hidden, weight, b, targets, g_logp, _ = _inputs(19, 20, 45, torch.float32, True, 0.2, seed=6)
     monkeypatch.setattr(to, "BACKWARD_ORDER", order)
-    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 2000)
+    n_live = int((targets != -100).sum())
+    monkeypatch.setattr(planner, "_process_budget",
+                        _budget_for(order, 5, 19, n_live, 45, 20, 4))
     first = _grads("triton", hidden, weight, b, targets, g_logp, g_logp, False)
     second = _grads("triton", hidden, weight, b, targets, g_logp, g_logp, False)
     for a, c in zip(first, second):
@@ -139,95 +151,78 @@ def test_dlogits_vocab_slices_tile_the_full_dlogits():
     assert full.abs().sum() > 0
 
 
-def test_plan_picks_the_order_with_less_scratch():
-    # Few live rows against a large vocabulary: the vocab order (no [V, H] float32 dW).
-    plan = plan_backward(8192, 8192, 151936, 4096, 2, budget=64 << 20)
-    assert plan == BackwardPlan("vocab", 4096, plan.extra_bytes)
-    assert plan.extra_bytes < 151936 * 4096 * 4
-    # Many more live rows than vocabulary columns: the rows order's dW scratch is smaller.
-    assert plan_backward(200_000, 200_000, 1000, 512, 2).order == "rows"
-    # No dW wanted: the rows order needs no float32 accumulator at all.
-    assert plan_backward(8192, 8192, 151936, 4096, 2, need_dw=False).order == "rows"
+def test_plan_picks_the_order_with_fewer_launches_within_the_budget():
+    # 16-bit, N=8192, H=4096, V=151936 (the issue's goal shape): the vocab order's float32 dX
+    # sum (4 N H bytes) fits 4 N H + 128 MiB where the rows order's float32 dW (4 V H) does not.
+    n, h, v = 8192, 4096, 151936
+    budget = 4 * n * h + (128 << 20)
+    plan = plan_backward(n, n, v, h, 2, budget=budget)
+    assert plan.kind == "recompute" and plan.order == "vocab" and plan.gemm_eq == 4
+    assert plan.step >= 2048 and plan.step % planner.ALIGN == 0
+    assert plan.extra_bytes <= budget
+    # One step wider would not fit: the widest blocks the budget allows.
+    assert planner.recompute_extra_bytes("vocab", plan.step + planner.ALIGN, n, n, v, h, 2) > budget
+    # Many more live rows than vocabulary columns, both orders in one launch: the rows order's
+    # scratch (D, a small float32 dW) is less than the vocab order's float32 dX sum.
+    assert plan_backward(200_000, 200_000, 1000, 512, 2, budget=1 << 30).order == "rows"
     with pytest.raises(ValueError, match="order"):
         plan_backward(10, 10, 10, 10, 4, order="columns")
 
 
-def test_steps_respect_the_budget():
-    for n, v, e, budget in [(8192, 151936, 2, 64 << 20), (37, 101, 4, 1000), (5, 7, 4, 1)]:
-        cols = backward_block_cols(n, e, v, budget)
-        rows = backward_chunk_rows(v, e, n, budget)
-        assert 1 <= cols <= v and 1 <= rows <= n
-        assert cols == 1 or n * cols * e <= budget
-        assert rows == 1 or rows * v * e <= budget
+def test_too_small_a_budget_names_the_minimum():
+    n, h, v = 8192, 4096, 151936
+    with pytest.raises(planner.BudgetTooSmall, match="minimum is") as err:
+        plan_backward(n, n, v, h, 2, budget=64 << 20)
+    least = err.value.minimum
+    assert least > 64 << 20
+    assert plan_backward(n, n, v, h, 2, budget=least).extra_bytes <= least
+    with pytest.raises(planner.BudgetTooSmall):
+        plan_backward(n, n, v, h, 2, budget=least - 1)
 
 
-def _one_ulp(half, ref):
-    """One unit in the last place of ``half`` at |ref| (a rounding toward zero errs by less),
-    down to the subnormal spacing."""
-    fi = torch.finfo(half)
-    return ref.abs() * fi.eps + fi.smallest_normal * fi.eps
+@pytest.mark.parametrize("n, n_live, v, h, e, budget", [
+    (8192, 8192, 151936, 4096, 2, 300 << 20), (8192, 5000, 151936, 4096, 2, 1 << 30),
+    (37, 37, 101, 16, 4, 6000), (37, 20, 101, 16, 4, 6000), (5, 5, 7, 3, 4, 1000)])
+def test_steps_respect_the_budget(n, n_live, v, h, e, budget):
+    for order in ("rows", "vocab"):
+        try:
+            plan = plan_backward(n, n_live, v, h, e, order=order, budget=budget)
+        except planner.BudgetTooSmall:
+            continue
+        assert 1 <= plan.step <= (v if order == "vocab" else n_live)
+        assert plan.extra_bytes == planner.recompute_extra_bytes(order, plan.step, n, n_live,
+                                                                 v, h, e)
+        assert plan.extra_bytes <= budget
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_split_accumulator_is_an_exact_float32_sum(half):
-    """matmul with a split accumulator (16-bit high half + int16 low half) holds exactly the
-    float32 sum the plain float32 accumulator holds; the last launch rounds it to 16 bits.
-    float32 operands (the split is in the epilogue, not the dot)."""
-    from gift_fast.kernels import matmul
+def test_mm_into_sums_16_bit_products_in_float32(half):
+    """The plain GEMMs of the backward: 16-bit operands, a float32 sum across calls (the
+    vocab order's dX) and a 16-bit output rounded once (dW), against float64."""
     g = torch.Generator().manual_seed(11)
     M, K, N = 19, 21, 35
-    parts = [(torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)) for _ in range(4)]
-    ref = torch.empty(M, N)
-    hi = torch.empty(M, N, dtype=half)
-    lo = torch.empty(M, N, dtype=torch.int16)
-    for i, (a, b) in enumerate(parts[:-1]):
-        matmul(a, b, ref, accumulate=i > 0, dot_precision="ieee")
-        matmul(a, b, hi, accumulate=i > 0, dot_precision="ieee", lo=lo, keep_lo=True)
-    joined = ((hi.view(torch.int16).to(torch.int32) << 16) | (lo.to(torch.int32) & 0xFFFF))
-    assert torch.equal(joined.view(torch.float32), ref)
-    a, b = parts[-1]
-    matmul(a, b, ref, accumulate=True, dot_precision="ieee")
-    matmul(a, b, hi, accumulate=True, dot_precision="ieee", lo=lo, keep_lo=False)
-    # 16-bit rounding of the float32 sum (the interpreter may round bf16 toward zero, a GPU
-    # rounds to nearest).
-    assert torch.all((hi.float() - ref).abs() <= _one_ulp(half, ref))
-    with pytest.raises(ValueError, match="lo"):
-        matmul(a, b, hi, accumulate=True, dot_precision="ieee", lo=lo[:, :3], keep_lo=True)
-
-
-@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_vocab_order_with_split_dx_accumulator(half):
-    """The 16-bit path of the vocab order (dX = high half in dX + int16 low half across blocks),
-    driven with float32 operands so that the dot is exact: first, middle and last blocks (the
-    last rounds to 16 bits) against the float32-accumulator path. (float16 and bfloat16 run the
-    whole path end to end in test_order_matches_float64[vocab-ragged-*].)"""
-    N, H, V = 17, 20, 70
-    hidden, weight, b, targets, g, _ = _inputs(N, H, V, torch.float32, True, 0.0, seed=12)
-    lse = torch.logsumexp(hidden @ weight.T + b, 1)
-    args = (weight, b, targets, g, None, lse, None, 1.0, None, "ieee", 16)   # 5 blocks
-    ref = torch.empty(N, H)
-    to._vocab_outer(hidden, *args, ref, None, None, None)
-    hi = torch.empty(N, H, dtype=half)
-    to._vocab_outer(hidden, *args, hi, torch.empty(N, H, dtype=torch.int16), None, None)
-    assert torch.all((hi.float() - ref).abs() <= _one_ulp(half, ref))
-    expected = torch.autograd.functional.jacobian(
-        lambda h: (torch.log_softmax(h @ weight.T + b, 1).gather(1, targets[:, None])[:, 0]
-                   * g).sum(), hidden)
-    # Both float32: the kernels from the given float32 lse, autograd through log_softmax; each
-    # within the rounding bound of the exact gradient (the lse's own rounding included).
-    bound = linear_softmax_rounding_bounds(hidden, weight, b, targets, g).d_hidden
-    assert_within("dX", ref, expected, 2 * bound)
-
-
-def test_memory_goal_of_the_chosen_plan():
-    """16-bit, N=8192, H=4096, V=151936: the backward's scratch fits 2*N*H bytes + 64 MiB."""
-    n, h, v = 8192, 4096, 151936
-    plan = plan_backward(n, n, v, h, 2, budget=32 << 20)
-    assert plan.order == "vocab" and plan.step == 2048
-    assert plan.extra_bytes <= 2 * n * h + (64 << 20)
-    # Some rows dead: a compact float32 accumulator (4 bytes/element) and the live rows of X.
-    partial = plan_backward(n, n - 1, v, h, 2, budget=32 << 20)
-    assert partial.extra_bytes > plan.extra_bytes + (n - 1) * h * 2
+    parts = [(torch.randn(M, K, generator=g).to(half), torch.randn(K, N, generator=g).to(half))
+             for _ in range(3)]
+    out = torch.empty(M, N)
+    for i, (a, b) in enumerate(parts):
+        mm_into(out, a, b, accumulate=i > 0)
+    exact = sum(a.double() @ b.double() for a, b in parts)
+    size = sum(a.double().abs() @ b.double().abs() for a, b in parts)
+    # Products of 16-bit values are exact in float32; a sum of 3K terms in float32 errs by at
+    # most gamma(3K) times the sum of their magnitudes, in any order.
+    assert_within("float32 sum", out, exact, gamma(3 * K) * size)
+    one = torch.empty(M, N, dtype=half)
+    a, b = parts[0]
+    mm_into(one, a, b)
+    ref = a.double() @ b.double()
+    # The float32 sum of K terms errs by err32 = gamma(K) sum|terms|; rounding it to 16 bits
+    # (to nearest) adds u16 = eps/2 of its magnitude, at most |ref| + err32.
+    err32 = gamma(K) * (a.double().abs() @ b.double().abs())
+    u16 = torch.finfo(half).eps / 2
+    bound = err32 + u16 * (ref.abs() + err32)
+    assert_within("16-bit output", one, ref, bound)
+    with pytest.raises(TypeError, match="out"):
+        mm_into(torch.empty(M, N, dtype=torch.float64), a, b)
 
 
 class _Float32Spy(torch.utils._python_dispatch.TorchDispatchMode):
@@ -248,19 +243,19 @@ class _Float32Spy(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("order", ["rows", "vocab"])
 def test_float16_scratch_of_each_order(order, monkeypatch):
-    """float16, every row live: the vocab order allocates no float32 [V, H] dW and no float32
-    [N, H] dX (split accumulator); the rows order does allocate its float32 [V, H] dW (the spy
-    sees it, so the vocab assertion can fail)."""
+    """float16, every row live: the vocab order allocates a float32 [N, H] dX sum and no
+    float32 [V, H] dW; the rows order allocates its float32 [V, H] dW and no [N, H] float32."""
     N, H, V = 24, 16, 80
     hidden, weight, _, targets, g_logp, _ = _inputs(N, H, V, torch.float16, False, 0.0, seed=13)
     monkeypatch.setattr(to, "BACKWARD_ORDER", order)
-    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 24 * 2 * (V if order == "rows" else N))
+    monkeypatch.setattr(planner, "_process_budget",
+                        _budget_for(order, 4 if order == "rows" else 8, N, N, V, H, 2, False))
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp = linear_logprobs(h, w, targets, backend="triton")
     with _Float32Spy() as spy:
         torch.autograd.grad((logp * g_logp).sum(), (h, w))
     big = [n for n in spy.sizes if n >= N * H]
-    if order == "vocab":
-        assert big == [], big
-    else:       # (the interpreter may add copies of the kernel's float32 argument)
-        assert big and set(big) == {V * H}, big
+    # Steps of 4 rows / 8 columns keep the float32 copies of the operands of mm_into on CPU
+    # (its stand-in for cuBLAS out_dtype) below N * H elements. (The interpreter may add
+    # copies of the kernels' float32 arguments.)
+    assert big and set(big) == ({N * H} if order == "vocab" else {V * H}), big

@@ -226,10 +226,14 @@ def test_zero_upstream_rows_get_zero_gradient(backend):
 def test_no_n_by_v_tensor_is_allocated(backend, monkeypatch):
     """With chunk budgets below N x V, no tensor of N x V elements appears, forward or backward."""
     import gift_fast.backends.torch_chunked as tc
-    import gift_fast.backends.triton_op as to
+    from gift_fast.backends import plan
     N, H, V = 48, 16, 96
     monkeypatch.setattr(tc, "CHUNK_ELEMENTS", 16 * V)
-    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 16 * V * 4)
+    # A budget of one 16 x V float32 buffer (+ the per-row vectors): every row live, float32,
+    # the backward's dX / dW sums are the gradients themselves; the torch backend also counts
+    # its float32 copies of a block of X and of its dX (torch_chunked.budget_chunk_elements).
+    monkeypatch.setattr(plan, "_process_budget", 16 * V * 4 + N * plan.PER_ROW_BYTES
+                        + (2 * N * H * 4 if backend == "torch" else 0))
     hidden, weight, _, targets = make_inputs(N, H, V, torch.float32, False, 0.0, seed=6)
     hidden.requires_grad_(); weight.requires_grad_()
     with LargestAllocation() as spy:

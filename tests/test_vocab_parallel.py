@@ -417,13 +417,15 @@ def test_no_n_by_v_tensor_under_vocab_parallel(backend, monkeypatch):
     allocations do not depend on the world size, so a group of one process (in this process,
     where the spy works without a spawn) covers them."""
     import gift_fast.backends.torch_chunked as tc
-    import gift_fast.backends.triton_op as to
+    from gift_fast.backends import plan
     from gift_fast import linear_logprobs
     n = 64
     hidden, weight, _, targets = _inputs(12, n, torch.float32, bias=False)
     h, w = _leaves(hidden, weight)
     monkeypatch.setattr(tc, "CHUNK_ELEMENTS", 8 * V)
-    monkeypatch.setattr(to, "BACKWARD_CHUNK_BYTES", 8 * V * 4)
+    # The torch backend also counts its float32 copies of a block of X and of its dX.
+    monkeypatch.setattr(plan, "_process_budget", 8 * V * 4 + n * plan.PER_ROW_BYTES
+                        + (2 * n * H * 4 if backend == "torch" else 0))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with LargestAllocation() as spy:

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import plan as planner
 from .protocol import Grads, RowStats
 
 
@@ -77,7 +78,7 @@ def tile_shape(n_rows: int, vocab: int, chunk_elements: Optional[int] = None):
     """(rows per block, vocabulary columns per tile); rows * columns <= max(chunk_elements, rows).
     ``chunk_elements`` defaults to ``CHUNK_ELEMENTS`` as it is at call time."""
     chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    rows = max(1, min(n_rows, ROW_BLOCK))
+    rows = max(1, min(n_rows, ROW_BLOCK, chunk_elements))
     cols = max(1, min(vocab, chunk_elements // rows))
     return rows, cols
 
@@ -302,17 +303,136 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return d_hidden, d_weight, d_bias
 
 
+def _budget_parts(n_rows, vocab, hidden, dtype, buffers, need_dw):
+    """(bytes independent of the tile size, bytes per tile element) of a chunked pass."""
+    acc = accumulation_dtype(dtype)
+    size = torch.empty((), dtype=acc).element_size()
+    rows = max(1, min(n_rows, ROW_BLOCK))
+    fixed = n_rows * planner.PER_ROW_BYTES + 2 * rows * hidden * size     # x and dX of a block
+    per_element = buffers * size
+    if acc != dtype:
+        fixed += vocab * hidden * size if need_dw else 0      # float32 dW of a 16-bit weight
+        per_element += -(-hidden * size // rows)               # float32 copy of the W tile
+    return fixed, per_element
+
+
+def recompute_minimum(n_rows, vocab, hidden, dtype, need_dw, softcap) -> int:
+    """The least budget of stats + grad (no entropy gradient): one-element tiles."""
+    fixed, per_element = _budget_parts(n_rows, vocab, hidden, dtype,
+                                       1 + (softcap is not None), need_dw)
+    return fixed + per_element
+
+
+def budget_chunk_elements(n_rows: int, vocab: int, hidden: int, dtype, buffers: int,
+                          need_dw: bool, budget: int) -> int:
+    """Elements of one logits tile (``buffers`` tiles live at once) such that a chunked pass
+    stays within ``budget`` bytes (:mod:`.plan`), at most ``CHUNK_ELEMENTS`` (past it CPU BLAS
+    gains nothing, see there). Raises ``plan.BudgetTooSmall`` naming the minimum."""
+    fixed, per_element = _budget_parts(n_rows, vocab, hidden, dtype, buffers, need_dw)
+    elements = (budget - fixed) // per_element
+    if elements < 1:
+        raise planner.BudgetTooSmall(budget, fixed + per_element,
+                                     f"a chunked pass over {n_rows} rows, V={vocab}, H={hidden}")
+    return min(CHUNK_ELEMENTS, elements)
+
+
 def stats(hidden, weight, bias, local_targets, temperature, softcap, want_entropy,
-          want_argmax=True) -> RowStats:
-    """The protocol's statistics (:mod:`.protocol`), in float32 (float64 for float64 inputs)."""
+          want_argmax=True, budget=None) -> RowStats:
+    """The protocol's statistics (:mod:`.protocol`), in float32 (float64 for float64 inputs);
+    tiles within the memory budget of :mod:`.plan` (``budget`` bytes, default the process's)."""
+    elements = budget_chunk_elements(
+        hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, 1 + want_entropy,
+        False, planner.memory_budget(hidden.device, budget))
     st = chunked_forward(hidden, weight, bias, local_targets, temperature, softcap, None,
-                         want_entropy, want_argmax)
+                         want_entropy, want_argmax, chunk_elements=elements)
     return RowStats(st.lse, st.target_logit, st.entropy, st.argmax, st.max_logit)
 
 
 def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, softcap,
-         need_dx, need_dw, need_db, compact: bool = True) -> Grads:
-    """The protocol's gradients (:mod:`.protocol`)."""
+         need_dx, need_dw, need_db, compact: bool = True, budget=None) -> Grads:
+    """The protocol's gradients (:mod:`.protocol`); tiles within the memory budget."""
+    elements = budget_chunk_elements(
+        hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype,
+        1 + (e is not None) + (softcap is not None), need_dw,
+        planner.memory_budget(hidden.device, budget))
     return Grads(*chunked_backward(hidden, weight, bias, local_targets, lse, entropy, g, e,
                                    temperature, softcap, need_hidden=need_dx,
-                                   need_weight=need_dw, need_bias=need_db, compact=compact))
+                                   need_weight=need_dw, need_bias=need_db, compact=compact,
+                                   chunk_elements=elements))
+
+
+# -- the stream plan of token-local losses (``token_local``) ----------------------------------
+
+# Columns of the chunk processed per elementwise step when a second [rows, cols] buffer is
+# needed (the log-sum-exp's exponentials, the softcap factor): 1 Mi elements at most.
+STREAM_TILE_ELEMENTS = 1 << 20
+
+
+def stream_dtypes(dtype: torch.dtype):
+    """(stored logits, GEMM operands): both the accumulation dtype (the CPU GEMMs run in it)."""
+    acc = accumulation_dtype(dtype)
+    return acc, acc
+
+
+def stream_fixed_bytes(n_rows: int, vocab: int, hidden: int, dtype, need_dw: bool) -> int:
+    """Scratch of the stream beyond the planner's buffers: the tile buffer, and for 16-bit inputs
+    float32 copies of the weight, of its gradient and of a chunk's dX."""
+    acc = accumulation_dtype(dtype)
+    size = torch.empty((), dtype=acc).element_size()
+    fixed = min(STREAM_TILE_ELEMENTS, n_rows * vocab) * size
+    if acc != dtype:
+        fixed += vocab * hidden * size * (2 if need_dw else 1) + n_rows * hidden * size
+    return fixed
+
+
+def _stream_cols(rows: int, vocab: int) -> int:
+    return max(1, min(vocab, STREAM_TILE_ELEMENTS // max(1, rows)))
+
+
+@torch.no_grad()
+def stream_logits(x, weight, bias, y, temperature, softcap, z):
+    """Writes the logits of the rows of ``x`` into ``z`` [rows, V]; returns (lse, target_logit).
+    ``y``: local targets, -1 for none (target_logit 0)."""
+    rows, vocab = z.shape
+    _logit_tile(x.to(z.dtype), weight, bias, 0, vocab, softcap, temperature, z)
+    has = y >= 0
+    target_logit = torch.where(has, z.gather(1, y.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    m = z.amax(1)
+    s = torch.zeros_like(m)
+    cols = _stream_cols(rows, vocab)
+    tile = torch.empty(rows * cols, dtype=z.dtype, device=z.device)
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        t = torch.sub(z[:, v0:v1], m[:, None], out=tile[:rows * (v1 - v0)].view(rows, v1 - v0))
+        s += _exp_(t).sum(1)
+    return m + torch.log(s), target_logit
+
+
+@torch.no_grad()
+def stream_dlogits(z, y, g, lse, temperature, softcap, out):
+    """D = [g (onehot - p)] / T * softcap' of the rows whose logits are ``z``, in place
+    (``out`` is ``z``); rows with g = 0 get exactly 0 (their logits may be non-finite)."""
+    rows, vocab = z.shape
+    inv_t = 1.0 / temperature
+    g_t = (g * inv_t).to(z.dtype)
+    dead = (g == 0)[:, None]
+    has = y >= 0
+    cols = _stream_cols(rows, vocab)
+    tile = (torch.empty(rows * cols, dtype=z.dtype, device=z.device)
+            if softcap is not None else None)
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        blk = z[:, v0:v1]
+        if softcap is not None:
+            # d softcap(raw) / d raw = 1 - tanh^2, with tanh = z * T / c (before z is reused).
+            fac = torch.mul(blk, temperature / softcap,
+                            out=tile[:rows * (v1 - v0)].view(rows, v1 - v0))
+            fac.mul_(fac).neg_().add_(1.0)
+        _exp_(blk.sub_(lse[:, None].to(z.dtype))).mul_(-g_t[:, None])
+        here = has & (y >= v0) & (y < v1)
+        blk.scatter_add_(1, (y - v0).clamp_(0, v1 - v0 - 1)[:, None],
+                         torch.where(here, g_t, 0.0)[:, None])
+        if softcap is not None:
+            blk.mul_(fac)
+        blk.masked_fill_(dead, 0.0)
+    return z

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..backends import resolve_backend
-from ..logprobs import grad_wanted, linear_logprobs
+from ..logprobs import grad_wanted, linear_logprobs, must_not_sync
 from ..sequences import Layout, acc_dtype, check_like, make_layout, token_mask
 from ..validation import check_finite, check_linear_inputs, check_logprob_input
 
@@ -293,14 +293,17 @@ def composed(hidden, targets, cu_seqlens, head: Head, epilogue):
 def token_local(hidden, targets, cu_seqlens, head: Head, epilogue, scalar: bool = True):
     """A token-local loss (dL/dlogp_n depends on row n only): ``epilogue(logps, mask)``.
 
-    On the triton backend, with gradients wanted and a scalar loss, the one-pass op computes
-    dX/dW inside the forward (backward only scales them); elsewhere, and under vocabulary
-    parallelism, log-probs and epilogue are composed.
+    On the triton and torch backends, with gradients wanted and a scalar loss, the one-pass op
+    computes dX/dW inside the forward (backward only scales them; 3 GEMM-eq when the memory
+    budget holds a chunk of logits). Log-probs and epilogue are composed under vocabulary
+    parallelism, and under torch.compile or CUDA graph capture, where the one-pass op (a Python
+    loop over chunks around autograd calls) is not a graph node: 4 GEMM-eq there.
     """
     check_layout(hidden, targets, cu_seqlens)
+    name = resolve_backend(head.backend, hidden.device)
     if (scalar and grad_wanted(hidden, head.weight, head.bias)
-            and head.vocab_parallel_group is None
-            and resolve_backend(head.backend, hidden.device) == "triton"):
+            and head.vocab_parallel_group is None and name in ("triton", "torch")
+            and not must_not_sync(hidden)):
         from ..backends.triton_token_local import one_pass_token_local
         h2, t1, lead = check_linear_inputs(hidden, head.weight, targets, head.bias,
                                            head.temperature, head.softcap, head.ignore_index)
@@ -308,7 +311,7 @@ def token_local(hidden, targets, cu_seqlens, head: Head, epilogue, scalar: bool 
         return one_pass_token_local(h2, head.weight, head.bias, t1,
                                     lambda lp: epilogue(lp.reshape(lead), mask),
                                     temperature=head.temperature, softcap=head.softcap,
-                                    ignore_index=head.ignore_index)
+                                    ignore_index=head.ignore_index, backend=name)
     return composed(hidden, targets, cu_seqlens, head, epilogue)
 
 

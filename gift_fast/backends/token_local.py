@@ -1,0 +1,155 @@
+"""One-pass token-local losses (SFT variants, DFT, GRPO family) on the torch or triton backend.
+
+For these losses dL/dlogp_n depends only on row n (per-row terms, weights from masks and layout),
+so it is known as soon as that row's log-prob is. The op computes dX, dW (and db) inside its
+forward, and its backward only scales them by grad_output: nothing but the gradients is kept
+alive between the two, and hidden/weight are not saved.
+
+The plan comes from :func:`plan.plan_token_local` within the memory budget:
+
+- ``"stream"`` (3 GEMM-eq): chunks of rows. The backend's forward writes the chunk's float32
+  logits and its statistics; the epilogue's derivative for those rows turns the logits into D in
+  place; dX[chunk] = D @ W and dW (+)= D.T @ X go to cuBLAS (:mod:`.blas`).
+- ``"recompute"`` (4 GEMM-eq): statistics of all rows, then the backend's recompute backward.
+
+The epilogue is any callable ``logp [N] -> (loss, metrics)`` written in torch (the functional
+losses); its per-row derivative comes from autograd on that [N] vector, so the math lives in one
+place and the fused op cannot drift from it. While streaming, rows not reached yet hold logp 0:
+a token-local epilogue's derivative at the chunk's rows does not depend on them, and the loss
+and metrics are those of the last call, which sees every row.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import plan as planner
+from .blas import mm_into
+from .protocol import get_backend, local_targets, single_device
+
+
+def _row_grad(epilogue, logp):
+    """(loss, metrics, dloss/dlogp in logp's dtype, zeros where unused) of ``epilogue``."""
+    with torch.enable_grad():
+        leaf = logp.detach().requires_grad_()
+        loss, metrics = epilogue(leaf)
+        (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    g = torch.zeros_like(logp) if g is None else g.to(logp.dtype)
+    return loss, metrics, g
+
+
+def _stream(backend, hidden, weight, bias, y, active, epilogue, temperature, softcap, need,
+            step):
+    """The stream plan: (loss, metrics, (d_hidden, d_weight, d_bias))."""
+    need_dx, need_dw, need_db = need
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    # Logits in float32 (float64 inputs on torch: float64); the GEMMs' operands in the input
+    # dtype on triton (cuBLAS sums in float32), in the logits' dtype on the torch backend.
+    z_dtype, mm_dtype = backend.stream_dtypes(hidden.dtype)
+    w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
+    rows = min(step, N)
+    z = torch.empty((rows, V), dtype=z_dtype, device=dev)
+    d = z if mm_dtype == z_dtype else torch.empty((rows, V), dtype=mm_dtype, device=dev)
+    chunks = -(-N // step)
+    d_hidden = torch.empty_like(hidden) if need_dx else None
+    dx_tmp = (torch.empty((rows, H), dtype=mm_dtype, device=dev)
+              if need_dx and mm_dtype != hidden.dtype else None)
+    # One chunk writes dW once in the weight dtype; more sum in float32 (or in a float32 dW).
+    dw_sum = None
+    if need_dw:
+        dw_dtype = weight.dtype if chunks == 1 and weight.dtype == mm_dtype else z_dtype
+        dw_sum = torch.empty(weight.shape, dtype=dw_dtype, device=dev)
+    db32 = torch.zeros(V, dtype=z_dtype, device=dev) if need_db else None
+    logp = torch.zeros(N, dtype=z_dtype, device=dev)
+    if N == 0:                    # no rows: the loss of nothing, zero gradients
+        loss, metrics, _ = _row_grad(epilogue, logp)
+        if need_dw:
+            dw_sum.zero_()
+    for start in range(0, N, step):
+        stop = min(N, start + step)
+        zc, dc = z[:stop - start], d[:stop - start]
+        x = hidden[start:stop]
+        lse, target_logit = backend.stream_logits(x, weight, bias, y[start:stop], temperature,
+                                                  softcap, zc)
+        logp[start:stop] = torch.where(active[start:stop], target_logit - lse, 0.0)
+        loss, metrics, g = _row_grad(epilogue, logp)
+        g = torch.where(active[start:stop], g[start:stop], 0.0)
+        backend.stream_dlogits(zc, y[start:stop], g, lse, temperature, softcap, dc)
+        if need_dx:
+            if dx_tmp is None:
+                mm_into(d_hidden[start:stop], dc, w_mm)
+            else:
+                d_hidden[start:stop] = mm_into(dx_tmp[:stop - start], dc, w_mm)
+        if need_dw:
+            # A dead row's D is 0, but 0 * a non-finite hidden state is not: zero those rows.
+            xm = torch.where((g != 0)[:, None], x, 0.0).to(mm_dtype)
+            mm_into(dw_sum, dc.T, xm, accumulate=start > 0)
+        if need_db:
+            db32 += dc.sum(0, dtype=z_dtype)
+    d_weight = dw_sum.to(weight.dtype) if need_dw else None
+    d_bias = db32.to(bias.dtype) if need_db else None
+    return loss, metrics, (d_hidden, d_weight, d_bias)
+
+
+def _two_phase(name, hidden, weight, bias, y, active, epilogue, temperature, softcap, need,
+               budget):
+    """The recompute plan: statistics of all rows, the epilogue, the backend's backward."""
+    backend = get_backend(name)
+    kw = dict(budget=budget) if name == "torch" else {}
+    logp, _, _, lse = single_device(backend.stats(
+        hidden, weight, bias, y, temperature, softcap, want_entropy=False, want_argmax=False,
+        **kw), active)
+    loss, metrics, g = _row_grad(epilogue, logp)
+    if not any(need):
+        return loss, metrics, (None, None, None)
+    g = torch.where(active, g, 0.0)
+    grads = backend.grad(hidden, weight, bias, y, lse, None, g, None, temperature, softcap,
+                         need_dx=need[0], need_dw=need[1], need_db=need[2], budget=budget)
+    return loss, metrics, tuple(grads)
+
+
+class OnePassTokenLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index, epilogue,
+                box, backend, budget):
+        active = targets != ignore_index
+        y = local_targets(targets, active)
+        need = ctx.needs_input_grad
+        need = (need[0], need[1], bias is not None and need[2])
+        module = get_backend(backend)
+        N, H = hidden.shape
+        V = weight.shape[0]
+        budget = planner.memory_budget(hidden.device, budget)
+        fixed = module.stream_fixed_bytes(N, V, H, hidden.dtype, need[1])
+        elt = torch.empty((), dtype=module.stream_dtypes(hidden.dtype)[1]).element_size()
+        plan = planner.plan_token_local(
+            N, V, H, elt, *need, budget=budget, fixed_bytes=fixed,
+            recompute_minimum=module.recompute_minimum(N, V, H, hidden.dtype, need[1], softcap))
+        box["plan"] = plan
+        if plan.kind == "stream":
+            loss, metrics, grads = _stream(module, hidden, weight, bias, y, active, epilogue,
+                                           temperature, softcap, need, plan.step)
+        else:
+            loss, metrics, grads = _two_phase(backend, hidden, weight, bias, y, active, epilogue,
+                                              temperature, softcap, need, budget)
+        box["metrics"] = metrics
+        ctx.grads = grads
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, d_loss):
+        # In place: the gradients are ours alone, and a second dX/dW copy would double memory.
+        grads = tuple(None if t is None else t.mul_(d_loss.to(t.dtype)) for t in ctx.grads)
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def one_pass(h2, weight, bias, t1, epilogue, *, backend, temperature, softcap, ignore_index,
+             memory_budget=None):
+    """Loss and metrics of ``epilogue(logp)`` with gradients computed in the forward pass, on
+    ``backend`` ("torch" or "triton"); ``memory_budget`` in bytes (default: the process's)."""
+    box = {}
+    loss = OnePassTokenLocal.apply(h2, weight, bias, t1, float(temperature), softcap, ignore_index,
+                                   epilogue, box, backend, memory_budget)
+    return loss, box["metrics"]

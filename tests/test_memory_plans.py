@@ -1,0 +1,245 @@
+"""The memory-budget plans of the token-local one-pass op (gift_fast/backends/token_local.py) on
+both backends, against float64: one stream chunk of every row, many chunks, the recompute
+fallback; N = 1, V below one tile, odd shapes, ignored rows, bias / softcap / temperature,
+float32 and float16; gradients w.r.t. hidden, weight and bias. The memory test: no [N, V]
+tensor unless the plan stores logits, and then the budget holds. The error of a budget too
+small for any plan.
+
+Bounds: loss_rounding_bounds (tests/helpers.py) of the backend, derived from the magnitudes of
+the inputs through linear_logprobs, the loss epilogue and the backward; the stream plan forms
+the same float32 logits and sums over the same dimensions (any order), so the bound covers it.
+"""
+import pytest
+import torch
+
+import gift_fast.functional as Fn
+from gift_fast import fdiv_sft_loss, grpo_loss, linear_logprobs
+from gift_fast.backends import plan as planner
+from gift_fast.backends.protocol import get_backend
+from gift_fast.backends.triton_token_local import one_pass_token_local
+from helpers import U32, LargestAllocation, assert_within, gamma, loss_rounding_bounds
+
+# (B, T, H, V, bias, temperature, softcap, ignored rows per sequence)
+SHAPES = {
+    "odd": (3, 7, 19, 53, True, 0.8, 5.0, 2),
+    "n1_small_vocab": (1, 1, 16, 20, False, 1.0, None, 0),
+    "wide_vocab": (1, 5, 8, 400, True, 1.0, None, 1),
+}
+BACKENDS = ["torch", "triton"]
+
+
+def _inputs(shape, dtype, seed):
+    B, T, H, V, bias, temperature, softcap, ignored = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[:, :ignored] = -100
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2 - 3.0
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    return hidden, weight, b, targets, old, adv, dict(temperature=temperature, softcap=softcap)
+
+
+def _grpo(lp, mask, old, adv):
+    return Fn.grpo_loss(lp, old.to(lp.dtype), adv.to(lp.dtype), mask=mask, beta=0.0)
+
+
+def _stream_cost(backend, dtype, N, V, H, rows, need_db):
+    """The stream plan's budget for chunks of ``rows`` rows, as the op computes it."""
+    module = get_backend(backend)
+    elt = torch.empty((), dtype=module.stream_dtypes(dtype)[1]).element_size()
+    return (module.stream_fixed_bytes(N, V, H, dtype, True)
+            + planner.stored_logits_bytes(rows, V, H, elt, -(-N // rows), True, need_db, N))
+
+
+def _budget(kind, backend, dtype, N, V, H, need_db):
+    if kind == "one":
+        return _stream_cost(backend, dtype, N, V, H, N, need_db)
+    if kind == "chunks":
+        return _stream_cost(backend, dtype, N, V, H, 2, need_db)
+    # Below the stream's minimum (one row of logits), above the recompute's.
+    return _stream_cost(backend, dtype, N, V, H, 1, need_db) - 1
+
+
+CASES = ([(s, be, torch.float32, k) for s in SHAPES for be in BACKENDS
+          for k in ("one", "chunks")]
+         + [("wide_vocab", be, torch.float32, "recompute") for be in BACKENDS]
+         + [("odd", be, torch.float16, k) for be in BACKENDS for k in ("one", "chunks")])
+
+
+@pytest.mark.parametrize("shape, backend, dtype, kind", CASES)
+def test_token_local_plans_match_float64(shape, backend, dtype, kind):
+    hidden, weight, b, targets, old, adv, kw = _inputs(shape, dtype, seed=len(shape))
+    B, T, H = hidden.shape
+    V, N = weight.shape[0], B * T
+    elt = get_backend(backend).stream_dtypes(dtype)[1]
+    budget = _budget(kind, backend, dtype, N, V, H, b is not None)
+    module = get_backend(backend)
+    plan = planner.plan_token_local(
+        N, V, H, torch.empty((), dtype=elt).element_size(), True, True, b is not None,
+        budget=budget, fixed_bytes=module.stream_fixed_bytes(N, V, H, dtype, True),
+        recompute_minimum=module.recompute_minimum(N, V, H, dtype, True, kw["softcap"]))
+    want = {"one": ("stream", N), "chunks": ("stream", min(2, N))}.get(kind)
+    if want:
+        assert (plan.kind, plan.step) == want
+    else:
+        assert plan.kind == "recompute" and plan.gemm_eq == 4
+        if backend == "triton":
+            assert -(-V // plan.step) >= 2          # several vocabulary blocks
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
+    mask = targets != -100
+    with planner.use_memory_budget(budget):
+        loss, metrics = one_pass_token_local(
+            leaves[0].reshape(N, H), leaves[1], leaves[2] if b is not None else None,
+            targets.reshape(N), lambda lp: _grpo(lp.reshape(B, T), mask, old, adv),
+            ignore_index=-100, backend=backend, **kw)
+    (loss * 1.5).backward()
+
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    lp = linear_logprobs(exact[0], exact[1], targets, exact[2] if b is not None else None,
+                         backend="reference", reference_dtype=torch.float64, **kw)
+    loss64, metrics64 = _grpo(lp, mask, old, adv)
+    grads64 = torch.autograd.grad(loss64 * 1.5, exact)
+    bounds = loss_rounding_bounds(lambda x: _grpo(x, mask, old, adv), backend, dtype, hidden,
+                                  weight, b, targets, **kw)
+    assert_within("loss", loss.detach(), loss64.detach(), bounds.loss)
+    for k in metrics64:
+        if k in bounds.metrics:
+            assert_within(k, torch.as_tensor(metrics[k]).double(), metrics64[k].detach(),
+                          bounds.metrics[k])
+    # The backward scales the gradients, already in the leaves' dtype, by 1.5 in place: the
+    # bound of the gradient of loss * 1.5, plus that multiplication's own rounding in 16 bits:
+    # u16 of the result (at most |g64| + the bound; g64 is already the gradient of loss * 1.5),
+    # or half the subnormal spacing (smallest_normal * u16) below the normal range.
+    u_out = torch.finfo(dtype).eps / 2 if dtype != torch.float32 else 0.0
+    tiny = torch.finfo(dtype).smallest_normal * u_out
+    # The triton backend stores D in 16 bits: an element below the normal range errs by up to
+    # ``tiny`` (absolute; the helper's bound is relative only), through dX = D @ W (sum over V
+    # of |W|), dW = D.T @ X (sum over rows of |X|) and db (N terms), times the 1.5 scale.
+    d_tiny = {"d_hidden": 0.0, "d_weight": 0.0, "d_bias": 0.0}
+    if backend == "triton" and dtype != torch.float32:
+        x_abs = hidden.double().abs().reshape(N, H)
+        d_tiny = {"d_hidden": 1.5 * tiny * weight.double().abs().sum(0).expand(N, H),
+                  "d_weight": 1.5 * tiny * x_abs.sum(0).expand(V, H),
+                  "d_bias": 1.5 * tiny * N}
+    for name, leaf, g64 in zip(("d_hidden", "d_weight", "d_bias"), leaves, grads64):
+        assert leaf.grad.dtype == leaf.dtype
+        extra = torch.as_tensor(d_tiny[name], dtype=torch.float64)
+        bound = (1.5 * getattr(bounds.grads, name).reshape(g64.shape)
+                 + (extra.reshape(g64.shape) if extra.dim() else extra))
+        assert_within(name, leaf.grad.reshape(g64.shape), g64,
+                      bound + u_out * (g64.abs() + bound) + tiny)
+    # Ignored rows get exactly zero.
+    assert torch.all(leaves[0].grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_n_by_v_tensor_unless_the_plan_stores_logits(backend):
+    """Chunks of 4 rows: no floating tensor of N x V elements (or more than the stream's
+    buffers); one chunk of every row: the stored logits are [N, V] and the op's allocations stay
+    within the budget."""
+    N, H, V = 40, 16, 96
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    old = torch.full((N,), -3.0)
+    adv = torch.ones(1)
+
+    def run(budget):
+        with planner.use_memory_budget(budget), LargestAllocation() as spy:
+            loss, _ = grpo_loss(hidden[None], weight, targets[None], old[None], adv,
+                                backend=backend)
+            loss.backward()
+        return spy.largest
+
+    chunked = _stream_cost(backend, torch.float32, N, V, H, 4, False)
+    # The stream's buffers: 4 x V logits (D in place), a 4 x H masked chunk of X; the
+    # gradients are N x H and V x H; the torch backend's tile holds at most 4 x V elements.
+    assert run(chunked) <= max(4 * V, V * H, N * H) < N * V
+    whole = _stream_cost(backend, torch.float32, N, V, H, N, False)
+    assert run(whole) == N * V                       # the stored logits, inside the budget
+    assert N * V * 4 <= whole
+
+
+def test_budget_too_small_names_the_minimum():
+    N, H, V = 6, 8, 50
+    hidden = torch.randn(1, N, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    targets = torch.randint(0, V, (1, N))
+    with planner.use_memory_budget(16), pytest.raises(planner.BudgetTooSmall,
+                                                      match=r"the minimum is \d+ bytes") as err:
+        fdiv_sft_loss(hidden, weight, targets, backend="torch")
+    least = err.value.minimum
+    with planner.use_memory_budget(least):             # the named minimum is enough
+        loss, _ = fdiv_sft_loss(hidden, weight, targets, backend="torch")
+    loss.backward()
+    assert torch.isfinite(hidden.grad).all()
+
+
+def test_memory_budget_defaults_and_validation(monkeypatch):
+    monkeypatch.setattr(planner, "_process_budget", None)
+    monkeypatch.delenv("GIFT_FAST_MEMORY_BUDGET", raising=False)
+    assert planner.memory_budget(torch.device("cpu")) == planner.CPU_BUDGET
+    monkeypatch.setenv("GIFT_FAST_MEMORY_BUDGET", "12345")
+    assert planner.memory_budget(torch.device("cpu")) == 12345
+    planner.set_memory_budget(777)
+    try:
+        assert planner.memory_budget() == 777
+        with planner.use_memory_budget(99):
+            assert planner.memory_budget() == 99
+            assert planner.memory_budget(budget=5) == 5          # per call wins
+        assert planner.memory_budget() == 777
+    finally:
+        planner.set_memory_budget(None)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            planner.set_memory_budget(bad)
+
+
+def test_token_local_plan_prefers_the_stream_and_falls_back():
+    n, h, v = 8192, 4096, 151936
+    # bf16 at the issue's goal shape within 2 GiB: chunks of rows (3 GEMM-eq) with a float32
+    # dW sum; past one chunk the cost includes that sum.
+    plan = planner.plan_token_local(n, v, h, 2, budget=(2 << 30) + 4 * v * h)
+    assert plan.kind == "stream" and plan.gemm_eq == 3 and 128 <= plan.step < n
+    assert plan.step % planner.ALIGN == 0 and plan.extra_bytes <= (2 << 30) + 4 * v * h
+    # float32: no dW sum (the gradient is float32), D in place.
+    plan32 = planner.plan_token_local(n, v, h, 4, budget=2 << 30)
+    assert plan32.kind == "stream" and plan32.step >= 512
+    # A budget below a single row of logits but above the recompute's minimum: 4 GEMM-eq.
+    fallback = planner.plan_token_local(n, v, h, 4, budget=v * 4)
+    assert fallback.kind == "recompute" and fallback.gemm_eq == 4
+
+
+def test_storing_logits_keeps_the_tiles_and_the_bits():
+    """The stream plan's forward (logits stored) runs the tiles of the statistics-only forward on
+    every target, so a row's log-prob has the same bits in both (the anchor pass of a loss that
+    streams matches its policy pass)."""
+    from gift_fast.backends import triton_op
+    from gift_fast.kernels.logprob_forward import forward_config
+    from gift_fast.kernels.target import INTERPRETER
+    tiles = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "v_per_split")
+    for target in (INTERPRETER, 80, 90, 100):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for aligned in (True, False):
+                a = forward_config(151936, 4096, dtype, target, aligned)
+                b = forward_config(151936, 4096, dtype, target, aligned, store_logits=True)
+                assert {k: a[k] for k in tiles} == {k: b[k] for k in tiles}
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(13, 24, generator=g), torch.randn(75, 24, generator=g)
+    b, y = torch.randn(75, generator=g), torch.randint(0, 75, (13,), generator=g)
+    st = triton_op.stats(x, w, b, y, 0.7, 4.0, want_entropy=False)
+    z = torch.empty(13, 75)
+    lse, target_logit = triton_op.stream_logits(x, w, b, y, 0.7, 4.0, z)
+    assert torch.equal(lse, st.lse) and torch.equal(target_logit, st.target_logit)
+    # The stored logits are the transformed logits: the float32 sum of H + 1 terms errs by
+    # gamma(H + 1) sum|terms|, which softcap (slope <= 1) passes on; its tanh, computed as
+    # 1 - 2 / (exp(2u) + 1) with exp within 2 ulp, adds at most 8u of c; the division by T and
+    # the multiplication by c one rounding each (u |z|).
+    ref = (4.0 * torch.tanh((x.double() @ w.double().T + b.double()) / 4.0)) / 0.7
+    size = x.double().abs() @ w.double().abs().T + b.double().abs()
+    bound = (gamma(25) * size + 8 * U32 * 4.0) / 0.7 + 2 * U32 * ref.abs()
+    assert_within("stored logits", z, ref, bound)
