@@ -54,6 +54,15 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
 
 
+def check_unit_interval(name: str, t: torch.Tensor) -> None:
+    """Values in [0, 1] (labels, target scores); in a compiled graph a device-side assert."""
+    ok = ((t >= 0) & (t <= 1)).all()        # NaN fails both comparisons
+    if torch.compiler.is_compiling():
+        _assert_in_graph(ok, f"{name}: expected values in [0, 1]")
+    elif not _capturing(t) and not bool(ok):
+        raise ValueError(f"{name}: expected values in [0, 1]")
+
+
 def _assert_in_graph(ok: torch.Tensor, message: str) -> None:
     """The compiled form of a value check: a bool() would break the graph (and sync), so the
     check becomes ``torch._assert_async``, an op in the graph. It raises RuntimeError (not the

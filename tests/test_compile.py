@@ -232,6 +232,9 @@ FRONTS = {
         h, w, t, sft_weight=0.5, backend="torch", **kw),
     "rpo": lambda h, w, t, a, r, **kw: gf.rpo_loss(h, w, t, a, r, backend="torch", **kw),
     "una": lambda h, w, t, a, r, **kw: gf.una_loss(h, w, t, a, backend="torch", **kw),
+    "una_scores": lambda h, w, t, a, r, **kw: gf.una_loss(
+        h, w, t, a, kind="score_mse", scores=r, backend="torch", **kw),
+    "kl": lambda h, w, t, a, r, **kw: gf.kl_loss(h, w, t, a, beta=0.5, backend="torch", **kw),
     "fdiv_sft": lambda h, w, t, a, r, **kw: gf.fdiv_sft_loss(
         h, w, t, a, divergence="js", backend="torch", **kw),
     "dft": lambda h, w, t, a, r, **kw: gf.dft_loss(h, w, t, temperature=1.2, backend="torch",

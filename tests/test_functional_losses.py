@@ -419,3 +419,19 @@ def test_bad_inputs_raise_clear_errors():
         Fn.gift_loss(lp[mask], an[mask], rw, cu_seqlens=torch.tensor([0, 1, 2]), group_size=1)
     with pytest.raises(ValueError, match="group_ids"):
         Fn.gift_loss(lp, an, rw, group_ids=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan")])
+def test_una_scores_outside_unit_interval(bad):
+    """Scores and labels must lie in [0, 1] (NaN included): a ValueError in eager mode, a
+    RuntimeError from the device-side assert inside a compiled graph (no graph break)."""
+    lp = -torch.rand(4, 3)
+    scores = torch.tensor([0.2, bad, 0.9, 0.5])
+    message = r"scores: expected (values in \[0, 1\]|finite values)"   # NaN: the finite check
+    with pytest.raises(ValueError, match=message):
+        Fn.una_loss(lp, kind="score_mse", scores=scores)
+    compiled = torch.compile(lambda lp, s: Fn.una_loss(lp, kind="score_mse", scores=s)[0],
+                             fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=message):
+        compiled(lp, scores)
+    assert torch.isfinite(compiled(lp, scores.nan_to_num(0.5).clamp(0, 1)))

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..backends import resolve_backend
-from ..logprobs import grad_wanted, linear_logprobs, must_not_sync
+from .. import logprobs as op_layer
+from ..logprobs import grad_wanted, linear_logprobs
 from ..sequences import Layout, acc_dtype, check_like, make_layout, token_mask
 from ..validation import check_finite, check_linear_inputs, check_logprob_input
 
@@ -303,7 +304,7 @@ def token_local(hidden, targets, cu_seqlens, head: Head, epilogue, scalar: bool 
     name = resolve_backend(head.backend, hidden.device)
     if (scalar and grad_wanted(hidden, head.weight, head.bias)
             and head.vocab_parallel_group is None and name in ("triton", "torch")
-            and not must_not_sync(hidden)):
+            and not op_layer.must_not_sync(hidden)):   # looked up per call: tests patch it
         from ..backends.triton_token_local import one_pass_token_local
         h2, t1, lead = check_linear_inputs(hidden, head.weight, targets, head.bias,
                                            head.temperature, head.softcap, head.ignore_index)

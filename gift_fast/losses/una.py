@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sequences import nonfinite_rows, pair_split
-from ..validation import _capturing, check_choice
+from ..validation import check_choice, check_unit_interval
 from .common import (REDUCTIONS, AnchoredLossModule, Head, LossResult, LossSpec,
                      check_length_norm, check_number, check_per_seq, composed, detached, mean_of,
                      prepare, reduce, renamed, seq_logratios)
@@ -73,8 +73,7 @@ def una_loss_from_logps(logps: torch.Tensor, anchor_logps: Optional[torch.Tensor
                 raise ValueError(f"labels: expected shape ({layout.n_seq},), got {tuple(labels.shape)}")
             t = labels.detach().to(acc)
         name = "labels"
-    if not _capturing(t) and bool(((t < 0) | (t > 1) | ~torch.isfinite(t)).any()):
-        raise ValueError(f"{name}: expected values in [0, 1]")
+    check_unit_interval(name, t)
     if kind == "binary_bce":
         per = -(t * F.logsigmoid(r) + (1 - t) * F.logsigmoid(-r))
     else:
