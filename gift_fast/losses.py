@@ -83,7 +83,7 @@ def _token_local(hidden, weight, targets, bias, temperature, ignore_index, backe
     """
     _check_layout(hidden, targets, cu_seqlens)
     if (grad_wanted(hidden, weight, bias) and vocab_parallel_group is None
-            and resolve_backend(backend, hidden.device) == "triton"):
+            and resolve_backend(backend, hidden.device, hidden.dtype) == "triton"):
         from .backends.triton_token_local import one_pass_token_local
         h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,
                                            ignore_index)
@@ -144,7 +144,8 @@ def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None
     Returns ``(loss, metrics)``.
     """
     Fn._check_number("beta", beta, 0.0, lo_open=True)  # checked here too: the fused path skips Fn
-    if (resolve_backend(backend, getattr(hidden, "device", torch.device("cpu"))) == "triton"
+    if (resolve_backend(backend, getattr(hidden, "device", torch.device("cpu")),
+                        getattr(hidden, "dtype", None)) == "triton"
             and detach_stats and group_ids is None and group_size is not None
             and data_parallel_group is None and vocab_parallel_group is None
             and reduction in ("mean", "sum") and isinstance(hidden, torch.Tensor)):

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .target import INTERPRETER, aligned16, launch_target
+from .configs import matmul_config
+from .target import aligned16, launch_target
 
 
 @triton.jit
@@ -62,24 +63,6 @@ def _matmul_kernel(
                  mask=c_mask)
     else:
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=c_mask)
-
-
-def matmul_config(dtype, target, aligned: bool) -> dict:
-    """Tile config per input dtype, target (``gift_fast.kernels.target``) and whether every
-    stride and pointer is 16-aligned. Checked by ``python -m gift_fast.compile_targets``."""
-    if target == INTERPRETER:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
-    if dtype == torch.float32 or not aligned:
-        # float32 runs on FMA (no TF32: full precision), and unaligned operands are loaded one
-        # element at a time with a 64-bit address each: a 128x128 tile spills, and even 64x64
-        # does with BLOCK_K=32 on sm_80, or with 4 warps in the float32 dX/dW variants and the
-        # split (LO) accumulator. 8 warps halve each thread's share of the 64x64 accumulator.
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
-    # 16-bit tensor-core tiles: BLOCK_K=64 spills the accumulating (dW) variant at 255
-    # registers; BLOCK_K=32 with one more stage on sm_90 keeps the loads in flight. One 8-warp
-    # block per SM (about 175 registers): occupancy traded for 128 x 128 reuse, as GEMMs do.
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8,
-                num_stages=4 if target >= 90 else 3)
 
 
 def matmul(a, b, out, accumulate: bool, dot_precision: str, lo=None, keep_lo: bool = False):

@@ -8,12 +8,12 @@ For one chunk of rows (already compacted to rows whose upstream gradient is non-
 into a [chunk, V] buffer in the input dtype, which the GEMM kernel then turns into dX and dW.
 The buffer is bounded by the chunk size, never [N, V].
 """
-import torch
 import triton
 import triton.language as tl
 
 from .logprob_forward import _logit_tile, _transform
-from .target import INTERPRETER, aligned16, launch_target
+from .configs import dlogits_config
+from .target import aligned16, launch_target
 
 
 @triton.jit
@@ -56,24 +56,6 @@ def _dlogits_kernel(
         dz *= 1.0 - th * th
     tl.store(D + rows64[:, None] * stride_dn + cols64[None, :] * stride_dv,
              dz.to(D.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-
-
-def dlogits_config(dtype, target, aligned: bool = True) -> dict:
-    """Tile config per input dtype, target and operand alignment (``gift_fast.kernels.target``).
-    Checked for every target by ``python -m gift_fast.compile_targets``."""
-    if target == INTERPRETER:
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
-    if dtype == torch.float32 or not aligned:
-        # FMA (float32) or element-wise loads (unaligned rows): see forward_config. On sm_100
-        # the float32 tile spilled 8-20 B at 4 warps in most flag combinations; 8 warps halve
-        # each thread's share of the 64 x 64 accumulator (one block fewer per SM).
-        warps = 8 if dtype == torch.float32 and target >= 100 else 4
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=warps, num_stages=2)
-    # 128 x 128 spilled at 255 registers with softcap, bias and the entropy gradient; 64 x 128
-    # keeps them near 150, at the cost of recomputing each W tile for half as many rows. That
-    # is still one 8-warp block per SM: occupancy traded for a 128-wide vocabulary tile, whose
-    # loads of W are shared by 64 rows (a 4-warp 64 x 64 tile fits 3-4 blocks, loads W twice).
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
 
 def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision):

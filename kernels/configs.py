@@ -1,0 +1,147 @@
+"""Launch configurations of every kernel, per target family (``gift_fast.kernels.target``).
+
+One table per kernel: ``{family: {case: config}}`` where case is "fp32" (FMA: no TF32, full
+precision), "unaligned" (16-bit operands with a row stride or pointer not 16-aligned, loaded one
+element at a time with a 64-bit address each) or "16bit" (aligned, tensor cores). A function of
+(dtype, target family, alignment) only, never of N: the forward stays batch-invariant. Every entry
+is compiled for its targets by ``python -m gift_fast.compile_targets`` (0 errors, 0 spills); the
+comments say what the check found when an entry was changed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .target import (AMPERE, BLACKWELL, BLACKWELL_CONSUMER, CDNA2, CDNA3, CDNA4, HOPPER,
+                     INTERPRETER, RDNA3, TURING)
+
+_INTERPRETER_TILE = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
+
+
+def _case(dtype, aligned: bool) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    return "16bit" if aligned else "unaligned"
+
+
+def _pick(table: dict, target, case: str) -> dict:
+    return dict(table[target.family][case])
+
+
+# ---- forward (logits tile + online log-sum-exp) ---------------------------------------------
+# float32: the dot operands live in registers; with bias, softcap and entropy a 64-row tile sat
+# at 255 registers and spilled on NVIDIA, so 32 x 64. On sm_80 a second stage spilled with
+# unaligned rows (one stage: 168 registers). Unaligned 16-bit: a thin K step (16) keeps the
+# address registers few; on sm_100 bias + entropy spilled 12-16 B at 4 warps, so 8 there.
+# Aligned 16-bit: BLOCK_H=64 reached 254 registers with every flag on; 32 needs about half.
+_FWD_FP32 = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, v_per_split=8192)
+_FWD_UNALIGNED = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_stages=2, v_per_split=8192)
+_FWD_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
+# AMD: the NVIDIA float32 tile spilled 22-40 SGPRs on every CDNA target (gfx90a/942/950).
+_FWD_AMD = {"fp32": dict(_FWD_FP32, num_stages=1),
+            "unaligned": dict(_FWD_UNALIGNED, num_warps=4),
+            "16bit": dict(_FWD_16, num_stages=2)}
+FORWARD = {
+    TURING: {"fp32": dict(_FWD_FP32, num_stages=1), "unaligned": dict(_FWD_UNALIGNED, num_warps=4),
+             "16bit": _FWD_16},
+    AMPERE: {"fp32": dict(_FWD_FP32, num_stages=1), "unaligned": dict(_FWD_UNALIGNED, num_warps=4),
+             "16bit": _FWD_16},
+    HOPPER: {"fp32": dict(_FWD_FP32, num_stages=2), "unaligned": dict(_FWD_UNALIGNED, num_warps=4),
+             "16bit": _FWD_16},
+    BLACKWELL: {"fp32": dict(_FWD_FP32, num_stages=2),
+                "unaligned": dict(_FWD_UNALIGNED, num_warps=8), "16bit": _FWD_16},
+    BLACKWELL_CONSUMER: {"fp32": dict(_FWD_FP32, num_stages=2),
+                         "unaligned": dict(_FWD_UNALIGNED, num_warps=8), "16bit": _FWD_16},
+    CDNA2: _FWD_AMD, CDNA3: _FWD_AMD, CDNA4: _FWD_AMD, RDNA3: _FWD_AMD,
+}
+
+# ---- dlogits (logits tile recomputed, gradient of the logits written) ----------------------
+# float32 / unaligned: see the forward. On sm_100 the float32 tile spilled 8-20 B at 4 warps;
+# 8 warps halve each thread's share of the 64 x 64 accumulator. Aligned 16-bit: 128 x 128
+# spilled at 255 registers with softcap, bias and the entropy gradient; 64 x 128 keeps them near
+# 150 (one 8-warp block per SM, W tile loads shared by 64 rows).
+_DL_THIN = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
+_DL_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+_DL_AMD = {"fp32": dict(_DL_THIN, num_stages=1), "unaligned": dict(_DL_THIN, num_stages=1),
+           "16bit": dict(_DL_16, num_stages=2)}
+DLOGITS = {
+    TURING: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
+    AMPERE: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
+    HOPPER: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
+    BLACKWELL: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN, "16bit": _DL_16},
+    BLACKWELL_CONSUMER: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN,
+                         "16bit": _DL_16},
+    CDNA2: _DL_AMD, CDNA3: _DL_AMD, CDNA4: _DL_AMD, RDNA3: _DL_AMD,
+}
+
+# ---- GEMM (kernels/gemm.py) -----------------------------------------------------------------
+# float32 / unaligned: a 128 x 128 tile spills, and 64 x 64 does with BLOCK_K=32 on sm_80 or
+# with 4 warps in the float32 dX/dW variants and the split (LO) accumulator. Aligned 16-bit:
+# BLOCK_K=64 spilled the accumulating (dW) variant at 255 registers; with BLOCK_K=32 sm_90 takes
+# one more stage to keep loads in flight. sm_120 has sm_80's 99 KiB of shared memory per block
+# and its register budget: the Hopper 4-stage tile spilled there, so it gets Ampere's 3 stages.
+_MM_THIN = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
+_MM_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+_MM_AMD = {"fp32": dict(_MM_THIN, num_stages=1), "unaligned": dict(_MM_THIN, num_stages=1),
+           "16bit": dict(_MM_16, num_stages=2)}
+MATMUL = {
+    TURING: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": _MM_16},
+    AMPERE: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": _MM_16},
+    HOPPER: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": dict(_MM_16, num_stages=4)},
+    BLACKWELL: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": dict(_MM_16, num_stages=4)},
+    BLACKWELL_CONSUMER: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": _MM_16},
+    CDNA2: _MM_AMD, CDNA3: _MM_AMD, CDNA4: _MM_AMD, RDNA3: _MM_AMD,
+}
+
+
+def forward_config(V: int, H: int, dtype, target, aligned: bool = True) -> dict:
+    """Tile sizes and vocabulary split of the forward kernel (never a function of N)."""
+    if target == INTERPRETER:
+        return dict(_INTERPRETER_TILE, v_per_split=64)
+    return _pick(FORWARD, target, _case(dtype, aligned))
+
+
+def dlogits_config(dtype, target, aligned: bool = True) -> dict:
+    if target == INTERPRETER:
+        return dict(_INTERPRETER_TILE)
+    return _pick(DLOGITS, target, _case(dtype, aligned))
+
+
+def matmul_config(dtype, target, aligned: bool) -> dict:
+    if target == INTERPRETER:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    return _pick(MATMUL, target, _case(dtype, aligned))
+
+
+def combine_config(target) -> dict:
+    return dict(BLOCK=128, num_warps=4, num_stages=1)
+
+
+def epilogue_config(target) -> dict:
+    if target == INTERPRETER:
+        return dict(BLOCK_T=32, num_warps=1, num_stages=1)
+    return dict(BLOCK_T=256, num_warps=4, num_stages=1)
+
+
+def dot_precision(dtype) -> str:
+    """Always "ieee". float32 inputs keep full precision (no TF32), as torch's default matmul
+    does. For 16-bit inputs the tensor cores multiply exactly whatever is asked (the sm_80-120
+    PTX is identical for "tf32" and "ieee"), and the AMD backends reject "tf32" for them."""
+    return "ieee"
+
+
+# ---- what the triton backend does not run ---------------------------------------------------
+# (family, dtype) -> why. backend="auto" takes the torch backend there (cuBLAS / rocBLAS through
+# torch.mm); backend="triton" still runs but is not what the compile check vouches for.
+UNSUPPORTED = {
+    (TURING, torch.bfloat16): "sm_75 has no bf16 tensor-core instruction: Triton compiles the "
+                              "dots to FMA",
+    (TURING, torch.float16): "Triton compiles 16-bit dots to FMA on sm_75 (no mma.sync path); "
+                             "cuBLAS uses the fp16 tensor cores",
+}
+
+
+def unsupported_reason(target, dtype):
+    """Why the triton backend should not run ``dtype`` on ``target``, or None when it should."""
+    if target is None:
+        return "no launch configurations for this GPU"
+    return UNSUPPORTED.get((target.family, dtype))
