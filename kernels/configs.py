@@ -36,10 +36,13 @@ def _pick(table: dict, target, case: str) -> dict:
 _FWD_FP32 = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, v_per_split=8192)
 _FWD_UNALIGNED = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_stages=2, v_per_split=8192)
 _FWD_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
-# AMD: the NVIDIA float32 tile spilled 22-40 SGPRs on every CDNA target (gfx90a/942/950).
+# AMD: on CDNA float32 dots run on MFMA, and the 32 x 64 tile with bias and softcap needed all
+# 106 SGPRs and spilled 26 (gfx942); 16 x 128 needs 74 SGPRs and 71 VGPRs (7 waves per SIMD).
+# RDNA3 runs float32 on FMA: 32 x 64 compiles without spills there.
 _FWD_AMD = {"fp32": dict(_FWD_FP32, num_stages=1),
             "unaligned": dict(_FWD_UNALIGNED, num_warps=4),
             "16bit": dict(_FWD_16, num_stages=2)}
+_FWD_CDNA = dict(_FWD_AMD, fp32=dict(_FWD_FP32, BLOCK_N=16, BLOCK_V=128, num_stages=1))
 FORWARD = {
     TURING: {"fp32": dict(_FWD_FP32, num_stages=1), "unaligned": dict(_FWD_UNALIGNED, num_warps=4),
              "16bit": _FWD_16},
@@ -51,7 +54,7 @@ FORWARD = {
                 "unaligned": dict(_FWD_UNALIGNED, num_warps=8), "16bit": _FWD_16},
     BLACKWELL_CONSUMER: {"fp32": dict(_FWD_FP32, num_stages=2),
                          "unaligned": dict(_FWD_UNALIGNED, num_warps=8), "16bit": _FWD_16},
-    CDNA2: _FWD_AMD, CDNA3: _FWD_AMD, CDNA4: _FWD_AMD, RDNA3: _FWD_AMD,
+    CDNA2: _FWD_CDNA, CDNA3: _FWD_CDNA, CDNA4: _FWD_CDNA, RDNA3: _FWD_AMD,
 }
 
 # ---- dlogits (logits tile recomputed, gradient of the logits written) ----------------------
@@ -77,18 +80,21 @@ DLOGITS = {
 # float32 / unaligned: a 128 x 128 tile spills, and 64 x 64 does with BLOCK_K=32 on sm_80 or
 # with 4 warps in the float32 dX/dW variants and the split (LO) accumulator. Aligned 16-bit:
 # BLOCK_K=64 spilled the accumulating (dW) variant at 255 registers; with BLOCK_K=32 sm_90 takes
-# one more stage to keep loads in flight. sm_120 has sm_80's 99 KiB of shared memory per block
-# and its register budget: the Hopper 4-stage tile spilled there, so it gets Ampere's 3 stages.
+# one more stage to keep loads in flight. On sm_120 ptxas held the 8-warp 128 x 128 tile to
+# 128 registers and spilled (4 stages, and 3 with the split LO output); 128 x 64 needs 96.
+# AMD: the unaligned 8-warp tile spilled an SGPR on gfx950 (106 in use); 4 warps need 82.
 _MM_THIN = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
 _MM_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-_MM_AMD = {"fp32": dict(_MM_THIN, num_stages=1), "unaligned": dict(_MM_THIN, num_stages=1),
+_MM_AMD = {"fp32": dict(_MM_THIN, num_stages=1),
+           "unaligned": dict(_MM_THIN, num_warps=4, num_stages=1),
            "16bit": dict(_MM_16, num_stages=2)}
 MATMUL = {
     TURING: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": _MM_16},
     AMPERE: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": _MM_16},
     HOPPER: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": dict(_MM_16, num_stages=4)},
     BLACKWELL: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": dict(_MM_16, num_stages=4)},
-    BLACKWELL_CONSUMER: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": _MM_16},
+    BLACKWELL_CONSUMER: {"fp32": _MM_THIN, "unaligned": _MM_THIN,
+                         "16bit": dict(_MM_16, BLOCK_N=64)},
     CDNA2: _MM_AMD, CDNA3: _MM_AMD, CDNA4: _MM_AMD, RDNA3: _MM_AMD,
 }
 

@@ -50,10 +50,10 @@ def test_every_family_has_a_config_for_every_case():
         assert set(table) == set(tg.FAMILIES)
         for family in tg.FAMILIES:
             assert set(table[family]) == {"fp32", "unaligned", "16bit"}, family
-    # Consumer Blackwell has sm_80's 99 KiB of shared memory per block: not Hopper's GEMM.
+    # Consumer Blackwell is not Hopper: the Hopper GEMM tile spilled on sm_120.
     hopper, rtx5090 = (configs.matmul_config(torch.bfloat16, tg.target_of(a), True)
                        for a in (90, 120))
-    assert rtx5090["num_stages"] < hopper["num_stages"]
+    assert rtx5090 != hopper
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
