@@ -663,15 +663,15 @@ def render_markdown(rows: List[dict]) -> str:
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     targets = [t for t in _target_order() if any(r["target"] == t for r in rows)]
     head = ("target", "family", "dtype", "backend", "MMA (dot kernels)", "max registers",
-            "spills", "min occupancy (blocks/SM·CU, waves/SIMD)", "errors")
+            "spills", "min occupancy (blocks/SM·CU, waves/SIMD)", "errors", "note")
     lines = []
     for name in targets:
         target = target_of(name.replace("sm_", ""))
         for dtype in _DTYPES:
             reason = unsupported_reason(target, names[dtype])
             if reason:
-                lines.append((name, target.family, dtype, "torch", "-", "-", "-", "-",
-                              f"unsupported: {reason}"))
+                lines.append((name, target.family, dtype, "torch", "-", "-", "-", "-", "-",
+                              f"not run by triton: {reason}"))
                 continue
             mine = [r for r in rows if r["target"] == name and r["dtype"] == dtype]
             if not mine:
@@ -685,7 +685,7 @@ def render_markdown(rows: List[dict]) -> str:
             lines.append((name, target.family, dtype, "triton", "/".join(mma) or "-", _regs(top),
                           str(max(r["spills"] for r in mine)),
                           "-" if worst is None else f"{worst['blocks']}, {worst['waves']:g}",
-                          str(sum(r["errors"] for r in mine))))
+                          str(sum(r["errors"] for r in mine)), "compiled, not run"))
     return _render(head, lines)
 
 

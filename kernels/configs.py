@@ -139,10 +139,9 @@ def dot_precision(dtype) -> str:
 # (family, dtype) -> why. backend="auto" takes the torch backend there (cuBLAS / rocBLAS through
 # torch.mm); backend="triton" still runs but is not what the compile check vouches for.
 UNSUPPORTED = {
-    (TURING, torch.bfloat16): "sm_75 has no bf16 tensor-core instruction: Triton compiles the "
-                              "dots to FMA",
-    (TURING, torch.float16): "Triton compiles 16-bit dots to FMA on sm_75 (no mma.sync path); "
-                             "cuBLAS uses the fp16 tensor cores",
+    (TURING, torch.bfloat16): "no bf16 tensor cores on sm_75 (the dots compile to FMA)",
+    (TURING, torch.float16): "Triton's fp16 dots compile to FMA on sm_75; cuBLAS uses its "
+                             "tensor cores",
 }
 
 
