@@ -82,7 +82,8 @@ DLOGITS = {
 # BLOCK_K=64 spilled the accumulating (dW) variant at 255 registers; with BLOCK_K=32 sm_90 takes
 # one more stage to keep loads in flight. On sm_120 ptxas held the 8-warp 128 x 128 tile to
 # 128 registers and spilled (4 stages, and 3 with the split LO output); 128 x 64 needs 96.
-# AMD: the unaligned 8-warp tile spilled an SGPR on gfx950 (106 in use); 4 warps need 82.
+# CDNA: the unaligned 8-warp tile spilled an SGPR on gfx950 (106 in use); 4 warps need 82. On
+# RDNA3 it is the other way round: 4 warps spilled 4 SGPRs in the accumulating variant.
 _MM_THIN = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
 _MM_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 _MM_AMD = {"fp32": dict(_MM_THIN, num_stages=1),
@@ -95,7 +96,8 @@ MATMUL = {
     BLACKWELL: {"fp32": _MM_THIN, "unaligned": _MM_THIN, "16bit": dict(_MM_16, num_stages=4)},
     BLACKWELL_CONSUMER: {"fp32": _MM_THIN, "unaligned": _MM_THIN,
                          "16bit": dict(_MM_16, BLOCK_N=64)},
-    CDNA2: _MM_AMD, CDNA3: _MM_AMD, CDNA4: _MM_AMD, RDNA3: _MM_AMD,
+    CDNA2: _MM_AMD, CDNA3: _MM_AMD, CDNA4: _MM_AMD,
+    RDNA3: dict(_MM_AMD, unaligned=dict(_MM_THIN, num_stages=1)),
 }
 
 
