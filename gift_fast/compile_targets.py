@@ -1,7 +1,8 @@
 """Compile every Triton kernel for real GPU targets, without a GPU, in the configs the code uses.
 
-    python -m gift_fast.compile_targets            # fast subset: sm_90 + sm_80, bf16 + fp32
-    python -m gift_fast.compile_targets --full     # every dtype, flag and shape, sm_80/90/100
+    python -m gift_fast.compile_targets             # fast subset: sm_80/90/120, gfx942, gfx1100
+    python -m gift_fast.compile_targets --arch all  # sm_75 ... sm_120, gfx90a ... gfx1100
+    python -m gift_fast.compile_targets --full      # every dtype, flag and shape, sm_80/90/100
 
 The interpreter (TRITON_INTERPRET=1) never runs Triton's code generator, so it cannot see a
 kernel that fails to compile, spills registers or needs more shared memory than a block may have.
@@ -13,9 +14,10 @@ This check closes that gap in three steps:
    launch is intercepted and turned into the specialisation Triton would compile for it
    (argument types, constexprs, divisibility-by-16 attributes, num_warps, num_stages), using
    Triton's own binder. No config is copied by hand: a launcher's change is what gets checked.
-2. Compile each distinct specialisation with ``triton.compile`` for ``GPUTarget("cuda", arch,
-   32)`` down to a cubin (the ptxas inside the triton wheel), in worker processes without the
-   interpreter, reading registers and spills from the ptxas log.
+2. Compile each distinct specialisation with ``triton.compile`` for the target's ``GPUTarget``
+   (a cubin with the wheel's ptxas; an AMD code object with its bundled AMD backend), in worker
+   processes without the interpreter, reading registers and spills from the ptxas log (NVIDIA)
+   or the code object's metadata (AMD).
 3. Judge: fail on a compile error, any spill, shared memory over the per-block limit, registers
    without headroom, or an ``@triton.jit`` function of ``gift_fast.kernels`` that no recorded
    launch reaches.
