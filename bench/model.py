@@ -121,14 +121,15 @@ def MODEL_BUDGET(n: int, h: int) -> int:
 
 def _launch_configs(V: int, H: int, dtype: str, gpu: GPU) -> dict:
     """The launch configurations the code uses on this GPU for these sizes: the config functions of
-    gift_fast.kernels take the dtype, the target (CUDA capability, as ``kernels.target`` gives it)
-    and whether every operand is 16-byte aligned (large aligned shapes are)."""
+    gift_fast.kernels take the dtype, the target (a ``kernels.target.Target``, as the launchers get
+    it) and whether every operand is 16-byte aligned (large aligned shapes are)."""
     import torch
     from gift_fast.kernels import logprob_backward, logprob_forward
+    from gift_fast.kernels.target import target_of
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     available = dict(V=V, H=H, vocab=V, hidden=H, interpreted=False, dtype=torch_dtype,
                      capability=gpu.capability, cc=gpu.capability,
-                     target=gpu.capability, aligned=True, element_size=DTYPE_BYTES[dtype])
+                     target=target_of(gpu.capability), aligned=True, element_size=DTYPE_BYTES[dtype])
     fwd = dict(_call_config(logprob_forward.forward_config, **available))
     fwd["v_per_split"] = math.ceil(fwd["v_per_split"] / fwd["BLOCK_V"]) * fwd["BLOCK_V"]
     return dict(forward=fwd,

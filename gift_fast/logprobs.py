@@ -54,7 +54,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Gradients flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. Under
     ``torch.no_grad()`` nothing is saved for backward.
     """
-    which = resolve_backend(backend, getattr(hidden, "device", torch.device("cpu")))
+    which = resolve_backend(backend, getattr(hidden, "device", torch.device("cpu")),
+                            getattr(hidden, "dtype", None))
     if vocab_parallel_group is not None:
         from .distributed.vocab_parallel import vocab_shard
         h2, t1, lead = check_linear_inputs(hidden, weight, targets, bias, temperature, softcap,

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .target import INTERPRETER, launch_target
+from .configs import epilogue_config
+from .target import launch_target
 
 
 @triton.jit
@@ -120,12 +121,6 @@ def _gift_epilogue_kernel(
             inside = rows < end
             active = tl.load(Y + rows, mask=inside, other=-1) >= 0
             tl.store(G_ROW + rows, tl.where(active, c, 0.0), mask=inside)
-
-
-def epilogue_config(target) -> dict:
-    if target == INTERPRETER:
-        return dict(BLOCK_T=32, num_warps=1, num_stages=1)
-    return dict(BLOCK_T=256, num_warps=4, num_stages=1)
 
 
 def gift_epilogue(logp, anchor, y, cu_seqlens, group_ptr, rewards, *, beta, eps, length_norm,

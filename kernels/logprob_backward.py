@@ -9,12 +9,12 @@ into a [chunk, V] buffer in the input dtype, which cuBLAS then turns into dX and
 is bounded by the chunk size, never [N, V]. ``dlogits_from_logits`` computes the same D from
 logits the forward kernel stored (float32) instead of recomputing them: no GEMM, one read of z.
 """
-import torch
 import triton
 import triton.language as tl
 
 from .logprob_forward import _logit_tile, _transform
-from .target import INTERPRETER, aligned16, launch_target
+from .configs import dlogits_config, from_logits_config
+from .target import aligned16, launch_target
 
 
 @triton.jit
@@ -88,45 +88,6 @@ def _dlogits_from_logits_kernel(
     dz = tl.where(g[:, None] != 0.0, dz, 0.0)
     tl.store(D + rows64[:, None] * stride_dn + cols64[None, :], dz.to(D.dtype.element_ty),
              mask=mask)
-
-
-def dlogits_config(dtype, target, aligned: bool = True) -> dict:
-    """Tile config per input dtype, target and operand alignment (``gift_fast.kernels.target``).
-    Checked for every target by ``python -m gift_fast.compile_targets``."""
-    if target == INTERPRETER:
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
-    if dtype == torch.float32 or not aligned:
-        # FMA (float32) or element-wise loads (unaligned rows): see forward_config. On sm_100
-        # the float32 tile spilled 8-20 B at 4 warps in most flag combinations; 8 warps halve
-        # each thread's share of the 64 x 64 accumulator (one block fewer per SM).
-        warps = 8 if dtype == torch.float32 and target >= 100 else 4
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=warps, num_stages=2)
-    # 128 x 128 spilled at 255 registers with softcap, bias and the entropy gradient; 64 x 128
-    # keeps them near 150, at the cost of recomputing each W tile for half as many rows. That
-    # is still one 8-warp block per SM: occupancy traded for a 128-wide vocabulary tile, whose
-    # loads of W are shared by 64 rows (a 4-warp 64 x 64 tile fits 3-4 blocks, loads W twice).
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
-
-
-def from_logits_config(target) -> dict:
-    """Elementwise tile of ``dlogits_from_logits``: 16 KiB of float32 logits per program."""
-    if target == INTERPRETER:
-        return dict(BLOCK_N=16, BLOCK_V=32, num_warps=1, num_stages=1)
-    return dict(BLOCK_N=8, BLOCK_V=512, num_warps=4, num_stages=1)
-
-
-def dlogits_from_logits(z, y, g, lse, temperature, softcap, out):
-    """Fills ``out`` [C, V] (any float dtype, unit column stride; may be ``z`` itself) with D
-    for the rows whose float32 logits are ``z`` [C, V]; rows with g = 0 get 0."""
-    C, V = z.shape
-    if z.stride(1) != 1 or out.stride(1) != 1 or out.shape != z.shape:
-        raise ValueError("z, out: expected [C, V] tensors of one shape with unit column stride")
-    cfg = from_logits_config(launch_target(z))
-    grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
-    _dlogits_from_logits_kernel[grid](
-        z, y, g, lse, out, C, V, z.stride(0), out.stride(0), 1.0 / temperature,
-        float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None, **cfg)
-    return out
 
 
 def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision):

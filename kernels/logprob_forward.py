@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .target import INTERPRETER, aligned16, launch_target
+from .configs import combine_config, dot_precision, forward_config
+from .target import aligned16, launch_target
 
 # Sentinel below any real logit; finite so that (m_old - m_new) * s stays 0, never NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -120,43 +121,6 @@ def _logprob_forward_kernel(
     tl.store(ARG_part + out, arg, mask=row_mask)
     if WANT_ENTROPY:
         tl.store(T_part + out, t, mask=row_mask)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs keep full precision (no TF32), as torch's default matmul does."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
-                   store_logits: bool = False) -> dict:
-    """Tile sizes and vocabulary split, a function of (V, H, dtype, target, operand alignment)
-    only, never of N: batch-invariant by design; ``store_logits`` (the kernel also writes the
-    logits) may change warps / stages, never the tiles. Checked for every target by
-    ``python -m gift_fast.compile_targets``."""
-    if target == INTERPRETER:
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1, v_per_split=64)
-    if dtype == torch.float32:
-        # float32 runs on FMA (no TF32): the operands of the dot live in registers, so with
-        # bias, softcap and entropy a 64-row tile sat at 255 registers and spilled. A second
-        # stage spilled on sm_80 with unaligned rows, and on sm_90 with bias + softcap + the
-        # logits store; one stage spilled on sm_90 with bias + softcap + entropy. Stages only
-        # pipeline the loads (the tiles, hence the sums, are the same): no effect on the bits.
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4,
-                    num_stages=2 if target >= 90 and not store_logits else 1, v_per_split=8192)
-    if not aligned:
-        # Rows not 16-aligned are loaded element by element with a 64-bit address each: a
-        # thin K step (16) keeps those registers few. At 4 warps, sm_100 spilled 12-16 B with
-        # bias + entropy and sm_80 reached 255 registers with bias + softcap + the logits
-        # store (STORE_LOGITS): 8 warps halve each thread's share of the tile.
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2,
-                    v_per_split=8192)
-    # 16-bit, aligned: BLOCK_H=64 reached 254 registers (1 block/SM) with bias, softcap and
-    # entropy on; BLOCK_H=32 needs about half, so two blocks share an SM.
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
-
-
-def combine_config(target) -> dict:
-    return dict(BLOCK=128, num_warps=4, num_stages=1)
 
 
 @triton.jit

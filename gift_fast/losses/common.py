@@ -301,7 +301,7 @@ def token_local(hidden, targets, cu_seqlens, head: Head, epilogue, scalar: bool 
     loop over chunks around autograd calls) is not a graph node: 4 GEMM-eq there.
     """
     check_layout(hidden, targets, cu_seqlens)
-    name = resolve_backend(head.backend, hidden.device)
+    name = resolve_backend(head.backend, hidden.device, hidden.dtype)
     if (scalar and grad_wanted(hidden, head.weight, head.bias)
             and head.vocab_parallel_group is None and name in ("triton", "torch")
             and not op_layer.must_not_sync(hidden)):   # looked up per call: tests patch it

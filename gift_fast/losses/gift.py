@@ -233,7 +233,8 @@ def gift_loss(hidden, weight, targets, anchor_logps, rewards, *, group_size=None
     """
     check_gift_options(beta=beta, eps=eps, std=std, length_norm=length_norm, reduction=reduction)
     head = Head(weight, bias, temperature, softcap, ignore_index, backend, vocab_parallel_group)
-    if (resolve_backend(backend, getattr(hidden, "device", torch.device("cpu"))) == "triton"
+    if (resolve_backend(backend, getattr(hidden, "device", torch.device("cpu")),
+                        getattr(hidden, "dtype", None)) == "triton"
             and detach_stats and group_ids is None and group_size is not None
             and data_parallel_group is None and vocab_parallel_group is None
             and reduction in ("mean", "sum") and isinstance(hidden, torch.Tensor)):

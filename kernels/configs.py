@@ -1,0 +1,138 @@
+"""Launch configurations of every kernel, per target family (``gift_fast.kernels.target``).
+
+One table per kernel: ``{family: {case: config}}`` where case is "fp32" (FMA: no TF32, full
+precision), "unaligned" (16-bit operands with a row stride or pointer not 16-aligned, loaded one
+element at a time with a 64-bit address each) or "16bit" (aligned, tensor cores). A function of
+(dtype, target family, alignment) only, never of N: the forward stays batch-invariant. Every entry
+is compiled for its targets by ``python -m gift_fast.compile_targets`` (0 errors, 0 spills); the
+comments say what the check found when an entry was changed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .target import (AMPERE, BLACKWELL, BLACKWELL_CONSUMER, CDNA2, CDNA3, CDNA4, HOPPER,
+                     INTERPRETER, RDNA3, TURING)
+
+_INTERPRETER_TILE = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
+
+
+def _case(dtype, aligned: bool) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    return "16bit" if aligned else "unaligned"
+
+
+def _pick(table: dict, target, case: str) -> dict:
+    return dict(table[target.family][case])
+
+
+# ---- forward (logits tile + online log-sum-exp) ---------------------------------------------
+# float32: the dot operands live in registers; with bias, softcap and entropy a 64-row tile sat
+# at 255 registers and spilled on NVIDIA, so 32 x 64. On sm_80 a second stage spilled with
+# unaligned rows (one stage: 168 registers). Unaligned 16-bit: a thin K step (16) keeps the
+# address registers few; on sm_100 bias + entropy spilled 12-16 B at 4 warps, and on sm_80 bias +
+# softcap + the logits store reached 255 registers: 8 warps on NVIDIA halve each thread's share.
+# Aligned 16-bit: BLOCK_H=64 reached 254 registers with every flag on; 32 needs about half.
+_FWD_FP32 = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, v_per_split=8192)
+_FWD_UNALIGNED = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_stages=2, v_per_split=8192)
+_FWD_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
+# AMD: on CDNA float32 dots run on MFMA, and the 32 x 64 tile with bias and softcap needed all
+# 106 SGPRs and spilled 26 (gfx942); 16 x 128 needs 74 SGPRs and 71 VGPRs (7 waves per SIMD).
+# RDNA3 runs float32 on FMA: 32 x 64 compiles without spills there.
+_FWD_AMD = {"fp32": dict(_FWD_FP32, num_stages=1),
+            "unaligned": dict(_FWD_UNALIGNED, num_warps=4),
+            "16bit": dict(_FWD_16, num_stages=2)}
+_FWD_CDNA = dict(_FWD_AMD, fp32=dict(_FWD_FP32, BLOCK_N=16, BLOCK_V=128, num_stages=1))
+FORWARD = {
+    TURING: {"fp32": dict(_FWD_FP32, num_stages=1), "unaligned": dict(_FWD_UNALIGNED, num_warps=8),
+             "16bit": _FWD_16},
+    AMPERE: {"fp32": dict(_FWD_FP32, num_stages=1), "unaligned": dict(_FWD_UNALIGNED, num_warps=8),
+             "16bit": _FWD_16},
+    HOPPER: {"fp32": dict(_FWD_FP32, num_stages=2), "unaligned": dict(_FWD_UNALIGNED, num_warps=8),
+             "16bit": _FWD_16},
+    BLACKWELL: {"fp32": dict(_FWD_FP32, num_stages=2),
+                "unaligned": dict(_FWD_UNALIGNED, num_warps=8), "16bit": _FWD_16},
+    BLACKWELL_CONSUMER: {"fp32": dict(_FWD_FP32, num_stages=2),
+                         "unaligned": dict(_FWD_UNALIGNED, num_warps=8), "16bit": _FWD_16},
+    CDNA2: _FWD_CDNA, CDNA3: _FWD_CDNA, CDNA4: _FWD_CDNA, RDNA3: _FWD_AMD,
+}
+
+# ---- dlogits (logits tile recomputed, gradient of the logits written) ----------------------
+# float32 / unaligned: see the forward. On sm_100 the float32 tile spilled 8-20 B at 4 warps;
+# 8 warps halve each thread's share of the 64 x 64 accumulator. Aligned 16-bit: 128 x 128
+# spilled at 255 registers with softcap, bias and the entropy gradient; 64 x 128 keeps them near
+# 150 (one 8-warp block per SM, W tile loads shared by 64 rows).
+_DL_THIN = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
+_DL_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+_DL_AMD = {"fp32": dict(_DL_THIN, num_stages=1), "unaligned": dict(_DL_THIN, num_stages=1),
+           "16bit": dict(_DL_16, num_stages=2)}
+DLOGITS = {
+    TURING: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
+    AMPERE: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
+    HOPPER: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
+    BLACKWELL: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN, "16bit": _DL_16},
+    BLACKWELL_CONSUMER: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN,
+                         "16bit": _DL_16},
+    CDNA2: _DL_AMD, CDNA3: _DL_AMD, CDNA4: _DL_AMD, RDNA3: _DL_AMD,
+}
+
+def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
+                   store_logits: bool = False) -> dict:
+    """Tile sizes and vocabulary split of the forward kernel (never a function of N).
+    ``store_logits`` (the kernel also writes the logits) may change stages, never the tiles:
+    stages only pipeline the loads, so the sums and their bits are the same."""
+    if target == INTERPRETER:
+        return dict(_INTERPRETER_TILE, v_per_split=64)
+    cfg = _pick(FORWARD, target, _case(dtype, aligned))
+    if store_logits and dtype == torch.float32:
+        # A second stage spilled on sm_90 with bias + softcap + the logits store.
+        cfg["num_stages"] = 1
+    return cfg
+
+
+def dlogits_config(dtype, target, aligned: bool = True) -> dict:
+    if target == INTERPRETER:
+        return dict(_INTERPRETER_TILE)
+    return _pick(DLOGITS, target, _case(dtype, aligned))
+
+
+def from_logits_config(target) -> dict:
+    """Elementwise tile of ``dlogits_from_logits``: 16 KiB of float32 logits per program."""
+    if target == INTERPRETER:
+        return dict(BLOCK_N=16, BLOCK_V=32, num_warps=1, num_stages=1)
+    return dict(BLOCK_N=8, BLOCK_V=512, num_warps=4, num_stages=1)
+
+
+def combine_config(target) -> dict:
+    return dict(BLOCK=128, num_warps=4, num_stages=1)
+
+
+def epilogue_config(target) -> dict:
+    if target == INTERPRETER:
+        return dict(BLOCK_T=32, num_warps=1, num_stages=1)
+    return dict(BLOCK_T=256, num_warps=4, num_stages=1)
+
+
+def dot_precision(dtype) -> str:
+    """Always "ieee". float32 inputs keep full precision (no TF32), as torch's default matmul
+    does. For 16-bit inputs the tensor cores multiply exactly whatever is asked (the sm_80-120
+    PTX is identical for "tf32" and "ieee"), and the AMD backends reject "tf32" for them."""
+    return "ieee"
+
+
+# ---- what the triton backend does not run ---------------------------------------------------
+# (family, dtype) -> why. backend="auto" takes the torch backend there (cuBLAS / rocBLAS through
+# torch.mm); backend="triton" still runs but is not what the compile check vouches for.
+UNSUPPORTED = {
+    (TURING, torch.bfloat16): "no bf16 tensor cores on sm_75 (the dots compile to FMA)",
+    (TURING, torch.float16): "Triton's fp16 dots compile to FMA on sm_75; cuBLAS uses its "
+                             "tensor cores",
+}
+
+
+def unsupported_reason(target, dtype):
+    """Why the triton backend should not run ``dtype`` on ``target``, or None when it should."""
+    if target is None:
+        return "no launch configurations for this GPU"
+    return UNSUPPORTED.get((target.family, dtype))
