@@ -105,3 +105,17 @@ def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY_GRAD=e is not None,
         DOT_PRECISION=dot_precision, **cfg)
+
+
+def dlogits_from_logits(z, y, g, lse, temperature, softcap, out):
+    """Fills ``out`` [C, V] (any float dtype, unit column stride; may be ``z`` itself) with D
+    for the rows whose float32 logits are ``z`` [C, V]; rows with g = 0 get 0."""
+    C, V = z.shape
+    if z.stride(1) != 1 or out.stride(1) != 1 or out.shape != z.shape:
+        raise ValueError("z, out: expected [C, V] tensors of one shape with unit column stride")
+    cfg = from_logits_config(launch_target(z))
+    grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    _dlogits_from_logits_kernel[grid](
+        z, y, g, lse, out, C, V, z.stride(0), out.stride(0), 1.0 / temperature,
+        float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None, **cfg)
+    return out
