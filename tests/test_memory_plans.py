@@ -220,9 +220,10 @@ def test_storing_logits_keeps_the_tiles_and_the_bits():
     streams matches its policy pass)."""
     from gift_fast.backends import triton_op
     from gift_fast.kernels.logprob_forward import forward_config
-    from gift_fast.kernels.target import INTERPRETER
+    from gift_fast.compile_targets import ALL_ARCHS
+    from gift_fast.kernels.target import INTERPRETER, target_of
     tiles = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "v_per_split")
-    for target in (INTERPRETER, 80, 90, 100):
+    for target in (INTERPRETER, *(target_of(a) for a in ALL_ARCHS)):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for aligned in (True, False):
                 a = forward_config(151936, 4096, dtype, target, aligned)
