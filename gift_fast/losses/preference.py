@@ -42,6 +42,16 @@ def _length_norm_from_bool(length_normalized) -> float:
 # DPO
 # --------------------------------------------------------------------------------------------
 
+def _pair_logratios(logps, anchor_logps, mask, cu_seqlens, length_norm: float):
+    """The (chosen, rejected) sequence log-ratios of a pairwise batch, and its non-finite row
+    count: the common start of DPO and IPO."""
+    layout, active, _, lp, fl = prepare(logps, mask, cu_seqlens, anchor_logps=anchor_logps)
+    ref = detached(fl["anchor_logps"])
+    d, _ = seq_logratios(layout, active, lp, ref, length_norm)
+    dw, dl = pair_split(d, "logps")
+    return dw, dl, nonfinite_rows(active, lp, ref)
+
+
 @renamed(ref_logps="anchor_logps")
 def dpo_loss_from_logps(logps: torch.Tensor, anchor_logps: Optional[torch.Tensor] = None, *,
                         mask: Optional[torch.Tensor] = None,
@@ -58,14 +68,10 @@ def dpo_loss_from_logps(logps: torch.Tensor, anchor_logps: Optional[torch.Tensor
     check_number("label_smoothing", label_smoothing, 0.0, 1.0)
     check_length_norm(length_norm)
     check_choice("reduction", reduction, REDUCTIONS)
-    layout, active, acc, lp, fl = prepare(logps, mask, cu_seqlens, anchor_logps=anchor_logps)
-    ref = detached(fl["anchor_logps"])
-    d, _ = seq_logratios(layout, active, lp, ref, length_norm)
-    dw, dl = pair_split(d, "logps")
+    dw, dl, n_bad = _pair_logratios(logps, anchor_logps, mask, cu_seqlens, length_norm)
     x = beta * (dw - dl)
     per = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
-    return reduce(per, reduction), preference_metrics(beta * dw, beta * dl,
-                                                      nonfinite_rows(active, lp, ref))
+    return reduce(per, reduction), preference_metrics(beta * dw, beta * dl, n_bad)
 
 
 @renamed(ref_logps="anchor_logps")
@@ -101,13 +107,9 @@ def ipo_loss_from_logps(logps: torch.Tensor, anchor_logps: Optional[torch.Tensor
     check_number("beta", beta, 0.0, lo_open=True)
     check_length_norm(length_norm)
     check_choice("reduction", reduction, REDUCTIONS)
-    layout, active, acc, lp, fl = prepare(logps, mask, cu_seqlens, anchor_logps=anchor_logps)
-    ref = detached(fl["anchor_logps"])
-    d, _ = seq_logratios(layout, active, lp, ref, length_norm)
-    dw, dl = pair_split(d, "logps")
+    dw, dl, n_bad = _pair_logratios(logps, anchor_logps, mask, cu_seqlens, length_norm)
     per = (dw - dl - 1.0 / (2.0 * beta)) ** 2
-    return reduce(per, reduction), preference_metrics(beta * dw, beta * dl,
-                                                      nonfinite_rows(active, lp, ref))
+    return reduce(per, reduction), preference_metrics(beta * dw, beta * dl, n_bad)
 
 
 @renamed(ref_logps="anchor_logps", length_normalized=("length_norm", _length_norm_from_bool))
