@@ -43,9 +43,9 @@ def test_fast_subset_covers_every_kernel_on_every_target(fast_report):
     archs = ct.parse_archs(",".join(ct.FAST_ARCHS))
     assert set(BF16_MMA) == set(archs)
     assert kernels and {(k, a) for k in kernels for a in archs} <= launched
-    # Ragged shapes are recorded without divisibility hints, aligned ones with them.
-    hinted = {bool(dict(s.attrs).get((10,))) for s in fast_report.specs
-              if s.name == "_logprob_forward_kernel"}
+    # Ragged shapes are recorded without divisibility hints on N, aligned ones with them.
+    hinted = {bool(dict(s.attrs).get(([n for n, _ in s.signature].index("N"),)))
+              for s in fast_report.specs if s.name == "_logprob_forward_kernel"}
     assert hinted == {True, False}
 
 
