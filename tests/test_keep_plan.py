@@ -143,3 +143,57 @@ def test_stored_logits_fit_the_budget_and_recompute_otherwise():
     assert planner.plan_two_phase(N, N, V, H, 4, budget=need_bytes, can_keep=True).kind == "keep"
     assert planner.plan_two_phase(N, N, V, H, 4, budget=need_bytes - 1,
                                   can_keep=True).kind == "recompute"
+
+
+@pytest.mark.parametrize("dtype, drop, reduction", [(torch.float32, False, "mean"),
+                                                    (torch.float32, True, "sum"),
+                                                    (torch.float16, False, "mean")])
+def test_fused_gift_keep_matches_float64_and_the_recompute_plan(dtype, drop, reduction,
+                                                                monkeypatch):
+    """The fused GIFT op on the keep plan: the loss and metrics of the recompute plan bit for
+    bit (same log-prob bits through the same epilogue kernel); the gradients of sum(g * logp)
+    for the epilogue's g (captured as the keep backward's upstream gradient, which the recompute
+    plan's backward receives too), within the bound of that g against float64."""
+    from gift_fast.backends.triton_gift import fused_gift_loss
+    B, T, H, V, G = 8, 5, 12, 37, 4
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(B * T, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) * 0.3).to(dtype)
+    b = (torch.randn(V, generator=gen) * 0.1).to(dtype)
+    targets = torch.randint(0, V, (B * T,), generator=gen)
+    targets[::T] = -100
+    anchor = torch.randn(B * T, generator=gen) * 0.1 - 4.0
+    rewards = torch.randn(B, generator=gen)
+    rewards[:G] = 0.5                                # a uniform group (dropped when drop)
+    kw = dict(beta=0.5, eps=1e-6, std="unbiased", length_norm=0.0, drop_uniform_groups=drop,
+              temperature=0.9, softcap=6.0, ignore_index=-100, reduction=reduction)
+    captured = []
+    original = keep.KeepLogprobs.backward
+    monkeypatch.setattr(keep.KeepLogprobs, "backward", staticmethod(
+        lambda ctx, d: (captured.append(d.detach().clone()), original(ctx, d))[1]))
+
+    def run(keep_on):
+        monkeypatch.setattr(op, "KEEP_ENABLED", keep_on)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        loss, metrics = fused_gift_loss(*leaves, targets, anchor, rewards, torch.arange(B + 1) * T,
+                                        G, **kw)
+        (loss * 1.5).backward()
+        return loss.detach(), metrics, [t.grad for t in leaves]
+
+    loss, metrics, grads = run(True)
+    assert len(captured) == 1
+    loss_re, metrics_re, grads_re = run(False)
+    assert len(captured) == 1
+    assert torch.equal(loss, loss_re)
+    for k in metrics:
+        assert torch.equal(torch.as_tensor(metrics[k]), torch.as_tensor(metrics_re[k])), k
+    g = captured[0].float()
+    exact = [t.double().requires_grad_() for t in (hidden, weight, b)]
+    lp64 = linear_logprobs(exact[0], exact[1], targets, exact[2], backend="reference",
+                           reference_dtype=torch.float64, temperature=0.9, softcap=6.0)
+    grads64 = torch.autograd.grad((lp64 * g.double()).sum(), exact)
+    bound = backend_rounding_bounds("triton", dtype, hidden, weight, b, targets, g,
+                                    temperature=0.9, softcap=6.0)
+    for name, got, re, want in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_re, grads64):
+        assert_within(name, got, want, getattr(bound, name))
+        assert_within(f"{name} recompute", re, want, getattr(bound, name))

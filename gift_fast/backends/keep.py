@@ -2,7 +2,7 @@
 logits of all rows, the backward forms D from them in place and runs dX = D @ W, dW = D.T @ X in
 cuBLAS (:mod:`.blas`), without recomputing the logits GEMM.
 
-Run for bare ``linear_logprobs`` when gradients are wanted, the memory budget holds the logits
+Run for ``linear_logprobs`` and the fused GIFT op (``triton_gift``) when gradients are wanted, the memory budget holds the logits
 (:func:`plan.keep_bytes`), no entropy or argmax is asked for (D from stored logits has no entropy
 term), on one device, in eager mode: inside torch.compile or a CUDA graph capture the op's
 custom ops (recompute plan) run instead. The forward is the stream plan's (:mod:`.token_local`)
