@@ -197,3 +197,19 @@ def test_fused_gift_keep_matches_float64_and_the_recompute_plan(dtype, drop, red
     for name, got, re, want in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_re, grads64):
         assert_within(name, got, want, getattr(bound, name))
         assert_within(f"{name} recompute", re, want, getattr(bound, name))
+
+
+def test_a_second_backward_recomputes(monkeypatch):
+    """retain_graph: the first backward turned the stored logits into D; a second one runs the
+    recompute backward and gives the same gradients within the bound of each against float64,
+    i.e. within twice that bound of each other."""
+    hidden, weight, b, targets, g_logp, kw = _inputs("odd", torch.float32, seed=9)
+    monkeypatch.setattr(op, "KEEP_ENABLED", True)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    logp = linear_logprobs(*leaves[:2], targets, leaves[2], backend="triton", **kw)
+    first = torch.autograd.grad((logp * g_logp).sum(), leaves, retain_graph=True)
+    second = torch.autograd.grad((logp * g_logp).sum(), leaves)
+    bound = backend_rounding_bounds("triton", torch.float32, hidden, weight, b, targets, g_logp,
+                                    **kw)
+    for name, a, c in zip(("d_hidden", "d_weight", "d_bias"), first, second):
+        assert_within(name, a, c, 2 * getattr(bound, name))

@@ -59,6 +59,10 @@ class KeepLogprobs(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2])
         g = torch.where(active, d_logp.to(lse.dtype), 0.0)
+        if z is None:         # a second backward (retain_graph): the logits became D; recompute
+            grads = module.grad(hidden, weight, bias, y, lse, None, g, None, temperature,
+                                softcap, *need)
+            return (*grads, None, None, None, None, None)
         mm_dtype = module.stream_dtypes(hidden.dtype)[1]
         d = z if mm_dtype == z.dtype else torch.empty(z.shape, dtype=mm_dtype, device=z.device)
         w_mm, d_hidden, dx_tmp, dw_sum, db32 = gradient_buffers(module, hidden, weight,
