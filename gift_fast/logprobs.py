@@ -10,10 +10,15 @@ from typing import Optional, Tuple
 import torch
 
 from .backends import resolve_backend
+from .backends.keep import ENABLED as KEEP_ENABLED
+from .backends.keep import KeepLogprobs, keep_fits
 from .backends.protocol import get_backend, local_targets, single_device
 from .backends.reference import reference_linear_logprobs
 from .backends.torch_chunked import accumulation_dtype
 from .validation import _capturing, check_linear_inputs, check_target_range
+
+# Backends whose stored-logits forward runs the statistics' tiles (log-probs with the same bits).
+KEEP_BACKENDS = ("triton",)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -81,11 +86,28 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             return _outputs(lead, logp, entropy, argmax, return_entropy, return_argmax)
         active = t1 != ignore_index
         y = local_targets(t1, active)
+        if keeps_logits(which, h2, weight, bias, return_entropy or return_argmax):
+            logp = KeepLogprobs.apply(h2, weight, bias, y, active, which, float(temperature),
+                                      None if softcap is None else float(softcap))
+            return _outputs(lead, logp, None, None, False, False)
         combiner = (None, 0, weight.shape[0])
     logp, entropy, argmax, _ = linear_logprobs_fwd(
         h2, weight, bias, y, active, which, float(temperature),
         None if softcap is None else float(softcap), return_entropy, return_argmax, *combiner)
     return _outputs(lead, logp, entropy, argmax, return_entropy, return_argmax)
+
+
+def keeps_logits(backend: str, hidden, weight, bias, extra_outputs: bool) -> bool:
+    """The keep plan (:mod:`.backends.keep`): gradients wanted, no entropy or argmax, a backend
+    whose stored-logits forward has the statistics' bits (triton), eager mode (the custom ops'
+    fake implementations have no stored logits), and the budget holds the logits."""
+    # must_not_sync first: under compile nothing below is traced (no guard on the shapes).
+    if (must_not_sync(hidden) or not KEEP_ENABLED or extra_outputs
+            or backend not in KEEP_BACKENDS or hidden.shape[0] == 0
+            or not grad_wanted(hidden, weight, bias)):
+        return False
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    return keep_fits(backend, hidden, weight, need)
 
 
 def grad_wanted(*tensors) -> bool:

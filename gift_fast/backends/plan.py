@@ -8,7 +8,8 @@ its inputs and the gradients it returns. Plans, fastest first (GEMM-eq: one [N, 
   the chunk's float32 logits, they become the loss gradient in place once the chunk's
   log-sum-exp is known, and dX[chunk] = D @ W, dW += D.T @ X run in cuBLAS.
 - ``"keep"`` (two-phase; 3 GEMM-eq): the float32 logits of all rows are kept from the forward
-  to the backward. Arithmetic only for now: no backend runs it yet (``can_keep``).
+  to the backward, which forms D from them (``gift_fast/backends/keep.py``: bare
+  ``linear_logprobs`` without entropy or argmax, eager mode).
 - ``"recompute"`` (two-phase, and token-local when no stream fits; 4 GEMM-eq): the backward
   recomputes the logits block by block, in the loop ``order`` that needs less memory
   (``"vocab"``: blocks of ``step`` vocabulary columns; ``"rows"``: chunks of ``step`` rows), the
@@ -230,14 +231,22 @@ def plan_token_local(n_rows: int, vocab: int, hidden: int, element_size: int,
         raise BudgetTooSmall(budget, least, what) from None
 
 
+def keep_bytes(n_rows: int, vocab: int, hidden: int, element_size: int, need_dw: bool = True,
+               need_db: bool = False, fixed_bytes: int = 0) -> int:
+    """Peak scratch of the keep plan: the stored logits of all rows as one chunk, plus a
+    backend's own scratch ``fixed_bytes`` (as in :func:`plan_token_local`)."""
+    return fixed_bytes + stored_logits_bytes(n_rows, vocab, hidden, element_size, 1, need_dw,
+                                             need_db, n_rows)
+
+
 def plan_two_phase(n_rows: int, n_live: int, vocab: int, hidden: int, element_size: int,
                    need_dx: bool = True, need_dw: bool = True, need_db: bool = False,
-                   budget: int = CPU_BUDGET, order: str = "auto", can_keep: bool = False) -> Plan:
+                   budget: int = CPU_BUDGET, order: str = "auto", can_keep: bool = False,
+                   fixed_bytes: int = 0) -> Plan:
     """Keep the logits of all rows when the budget holds them and the backend can (3 GEMM-eq),
     else recompute block by block (4 GEMM-eq)."""
     if can_keep:
-        kept = stored_logits_bytes(n_rows, vocab, hidden, element_size, 1, need_dw, need_db,
-                                   n_rows)
+        kept = keep_bytes(n_rows, vocab, hidden, element_size, need_dw, need_db, fixed_bytes)
         if kept <= budget:
             return Plan("keep", "rows", max(1, n_rows), kept, 3)
     return plan_recompute(n_rows, n_live, vocab, hidden, element_size, need_dx, need_dw,

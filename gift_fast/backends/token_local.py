@@ -37,30 +37,66 @@ def _row_grad(epilogue, logp):
     return loss, metrics, g
 
 
-def _stream(backend, hidden, weight, bias, y, active, epilogue, temperature, softcap, need,
-            step):
-    """The stream plan: (loss, metrics, (d_hidden, d_weight, d_bias))."""
+def gradient_buffers(backend, hidden, weight, rows, chunks, need):
+    """(W in the GEMM dtype, d_hidden, dx_tmp, dw_sum, db32) for :func:`grads_from_logits` over
+    ``chunks`` chunks of at most ``rows`` rows; None where not needed.
+
+    Logits in float32 (float64 inputs on torch: float64); the GEMMs' operands in the input
+    dtype on triton (cuBLAS sums in float32), in the logits' dtype on the torch backend."""
     need_dx, need_dw, need_db = need
-    N, H = hidden.shape
-    V = weight.shape[0]
     dev = hidden.device
-    # Logits in float32 (float64 inputs on torch: float64); the GEMMs' operands in the input
-    # dtype on triton (cuBLAS sums in float32), in the logits' dtype on the torch backend.
     z_dtype, mm_dtype = backend.stream_dtypes(hidden.dtype)
     w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
-    rows = min(step, N)
-    z = torch.empty((rows, V), dtype=z_dtype, device=dev)
-    d = z if mm_dtype == z_dtype else torch.empty((rows, V), dtype=mm_dtype, device=dev)
-    chunks = -(-N // step)
     d_hidden = torch.empty_like(hidden) if need_dx else None
-    dx_tmp = (torch.empty((rows, H), dtype=mm_dtype, device=dev)
+    dx_tmp = (torch.empty((rows, hidden.shape[1]), dtype=mm_dtype, device=dev)
               if need_dx and mm_dtype != hidden.dtype else None)
     # One chunk writes dW once in the weight dtype; more sum in float32 (or in a float32 dW).
     dw_sum = None
     if need_dw:
         dw_dtype = weight.dtype if chunks == 1 and weight.dtype == mm_dtype else z_dtype
         dw_sum = torch.empty(weight.shape, dtype=dw_dtype, device=dev)
-    db32 = torch.zeros(V, dtype=z_dtype, device=dev) if need_db else None
+    db32 = torch.zeros(weight.shape[0], dtype=z_dtype, device=dev) if need_db else None
+    return w_mm, d_hidden, dx_tmp, dw_sum, db32
+
+
+def finish_sums(dw_sum, db32, weight, bias):
+    """(d_weight, d_bias) in the parameters' dtypes from the sums (None where not needed)."""
+    return (None if dw_sum is None else dw_sum.to(weight.dtype),
+            None if db32 is None else db32.to(bias.dtype))
+
+
+def grads_from_logits(backend, z, d, x, y, g, lse, temperature, softcap, w_mm, d_hidden,
+                      dx_tmp, dw_sum, db32, accumulate):
+    """The gradients of rows whose stored logits are ``z`` and upstream gradient ``g``: D into
+    ``d`` (``z`` itself when the GEMMs take the logits' dtype; rows with g = 0 get D = 0), then
+    ``d_hidden`` = D @ W (through ``dx_tmp`` when the GEMM dtype is not the gradient's),
+    ``dw_sum`` (+)= D.T @ X, ``db32`` += column sums of D; None where not wanted."""
+    backend.stream_dlogits(z, y, g, lse, temperature, softcap, d)
+    if d_hidden is not None:
+        if dx_tmp is None:
+            mm_into(d_hidden, d, w_mm)
+        else:
+            d_hidden.copy_(mm_into(dx_tmp, d, w_mm))
+    if dw_sum is not None:
+        # A dead row's D is 0, but 0 * a non-finite hidden state is not: zero those rows.
+        xm = torch.where((g != 0)[:, None], x, 0.0).to(d.dtype)
+        mm_into(dw_sum, d.T, xm, accumulate=accumulate)
+    if db32 is not None:
+        db32 += d.sum(0, dtype=db32.dtype)
+
+
+def _stream(backend, hidden, weight, bias, y, active, epilogue, temperature, softcap, need,
+            step):
+    """The stream plan: (loss, metrics, (d_hidden, d_weight, d_bias))."""
+    need_dx, need_dw, _ = need
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    z_dtype, mm_dtype = backend.stream_dtypes(hidden.dtype)
+    rows = min(step, N)
+    z = torch.empty((rows, V), dtype=z_dtype, device=dev)
+    d = z if mm_dtype == z_dtype else torch.empty((rows, V), dtype=mm_dtype, device=dev)
+    w_mm, d_hidden, dx_tmp, dw_sum, db32 = gradient_buffers(backend, hidden, weight, rows,
+                                                            -(-N // step), need)
     logp = torch.zeros(N, dtype=z_dtype, device=dev)
     if N == 0:                    # no rows: the loss of nothing, zero gradients
         loss, metrics, _ = _row_grad(epilogue, logp)
@@ -75,21 +111,11 @@ def _stream(backend, hidden, weight, bias, y, active, epilogue, temperature, sof
         logp[start:stop] = torch.where(active[start:stop], target_logit - lse, 0.0)
         loss, metrics, g = _row_grad(epilogue, logp)
         g = torch.where(active[start:stop], g[start:stop], 0.0)
-        backend.stream_dlogits(zc, y[start:stop], g, lse, temperature, softcap, dc)
-        if need_dx:
-            if dx_tmp is None:
-                mm_into(d_hidden[start:stop], dc, w_mm)
-            else:
-                d_hidden[start:stop] = mm_into(dx_tmp[:stop - start], dc, w_mm)
-        if need_dw:
-            # A dead row's D is 0, but 0 * a non-finite hidden state is not: zero those rows.
-            xm = torch.where((g != 0)[:, None], x, 0.0).to(mm_dtype)
-            mm_into(dw_sum, dc.T, xm, accumulate=start > 0)
-        if need_db:
-            db32 += dc.sum(0, dtype=z_dtype)
-    d_weight = dw_sum.to(weight.dtype) if need_dw else None
-    d_bias = db32.to(bias.dtype) if need_db else None
-    return loss, metrics, (d_hidden, d_weight, d_bias)
+        grads_from_logits(backend, zc, dc, x, y[start:stop], g, lse, temperature, softcap, w_mm,
+                          d_hidden[start:stop] if need_dx else None,
+                          None if dx_tmp is None else dx_tmp[:stop - start], dw_sum, db32,
+                          accumulate=start > 0)
+    return loss, metrics, (d_hidden, *finish_sums(dw_sum, db32, weight, bias))
 
 
 def _two_phase(name, hidden, weight, bias, y, active, epilogue, temperature, softcap, need,

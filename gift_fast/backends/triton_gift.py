@@ -10,6 +10,10 @@ The forward is the ``torch.library`` custom op ``gift_fast::fused_gift_fwd`` (fa
 and autograd registered): torch.compile sees one opaque node, so the Triton launches (and the
 interpreter on CPU) are never traced by dynamo.
 
+When the memory budget holds the logits (eager mode, gradients wanted), the op runs the keep
+plan of :mod:`.keep` instead (3 GEMM-eq): the kept log-probs (same bits) go through the same
+epilogue kernel, and the backward forms D from the stored logits.
+
 Handles consecutive groups, detached statistics and "mean"/"sum" reductions; ``gift_loss``
 falls back to the composed path (linear_logprobs + functional epilogue) otherwise.
 """
@@ -23,6 +27,7 @@ from ..kernels import gift_epilogue
 from .. import logprobs as op_layer
 from ..sequences import nonfinite_rows
 from . import triton_op
+from .keep import KeepLogprobs
 from .protocol import local_targets, single_device
 
 Tensor = torch.Tensor
@@ -42,6 +47,15 @@ def fused_gift_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], local
     logp, _, _, lse = single_device(triton_op.stats(
         hidden, weight, bias, local_targets, temperature, softcap, want_entropy=False,
         want_argmax=False), active)
+    loss, adv, z, stats, n_bad, grad_rows, denom = _epilogue(
+        logp, active, anchor, local_targets, rewards, cu_seqlens, group_ptr, beta, eps,
+        length_norm, unbiased, drop_uniform, max_group, mean_reduction)
+    return loss, adv, z, stats, n_bad, lse, grad_rows, denom
+
+
+def _epilogue(logp, active, anchor, local_targets, rewards, cu_seqlens, group_ptr, beta, eps,
+              length_norm, unbiased, drop_uniform, max_group, mean_reduction):
+    """(loss, adv, z, stats, n_bad, grad_rows, denom) of the log-probs (the epilogue kernel)."""
     out = gift_epilogue(logp, anchor.float().contiguous(), local_targets, cu_seqlens, group_ptr,
                         rewards.float().contiguous(), beta=beta, eps=eps,
                         length_norm=length_norm, unbiased=unbiased, drop_uniform=drop_uniform,
@@ -50,10 +64,27 @@ def fused_gift_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], local
     if drop_uniform:
         kept = kept * (1.0 - out["stats"][:, 3])
     denom = (kept.sum().clamp_min(1.0) if mean_reduction
-             else torch.ones((), dtype=torch.float32, device=lse.device))
+             else torch.ones((), dtype=torch.float32, device=logp.device))
     loss = out["err"].sum() / denom
     n_bad = nonfinite_rows(active, logp, anchor)
-    return loss, out["adv"], out["z"], out["stats"], n_bad, lse, out["grad_rows"], denom
+    return loss, out["adv"], out["z"], out["stats"], n_bad, out["grad_rows"], denom
+
+
+class _EpilogueOfKeptLogprobs(torch.autograd.Function):
+    """The epilogue on differentiable log-probs (the keep plan's): dL/dlogp = grad_rows / denom
+    times grad_output, as the fused op's backward forms it."""
+
+    @staticmethod
+    def forward(ctx, logp, *args):
+        loss, adv, z, stats, n_bad, grad_rows, denom = _epilogue(logp.detach(), *args)
+        ctx.mark_non_differentiable(adv, z, stats, n_bad)
+        ctx.save_for_backward(grad_rows, denom)
+        return loss, adv, z, stats, n_bad
+
+    @staticmethod
+    def backward(ctx, d_loss, *_unused):
+        grad_rows, denom = ctx.saved_tensors
+        return (grad_rows * (d_loss.float() / denom),) + (None,) * 13
 
 
 @fused_gift_fwd.register_fake
@@ -120,9 +151,20 @@ def fused_gift_loss(h2, weight, bias, t1, anchor, rewards, cu_seqlens, group_siz
     B = rewards.numel()
     group_ptr = torch.arange(0, B + 1, group_size, device=h2.device, dtype=torch.int64)
     active = t1 != ignore_index
+    y = local_targets(t1, active)
+    temperature, softcap = float(temperature), None if softcap is None else float(softcap)
+    epilogue_args = (anchor.detach().reshape(-1), y, rewards.detach(),
+                     cu_seqlens.long().contiguous(), group_ptr, float(beta), float(eps),
+                     float(length_norm), std == "unbiased", bool(drop_uniform_groups),
+                     group_size, reduction == "mean")
+    if op_layer.keeps_logits("triton", h2, weight, bias, False):
+        # The keep plan (3 GEMM-eq): the same log-prob bits, the logits kept for the backward.
+        logp = KeepLogprobs.apply(h2, weight, bias, y, active, "triton", temperature, softcap)
+        loss, adv, z, stats, n_bad = _EpilogueOfKeptLogprobs.apply(logp, active, *epilogue_args)
+        return loss, gift_metrics(adv, z, stats, n_bad, drop_uniform_groups, group_size)
+    (anchor1, y, rewards1, cu, ptr, beta, eps, length_norm, unbiased, drop, max_group,
+     mean) = epilogue_args
     loss, adv, z, stats, n_bad, _, _, _ = fused_gift_fwd(
-        h2, weight, bias, local_targets(t1, active), active, anchor.detach().reshape(-1),
-        rewards.detach(), cu_seqlens.long().contiguous(), group_ptr, float(temperature),
-        None if softcap is None else float(softcap), float(beta), float(eps), float(length_norm),
-        std == "unbiased", bool(drop_uniform_groups), group_size, reduction == "mean")
+        h2, weight, bias, y, active, anchor1, rewards1, cu, ptr, temperature, softcap, beta, eps,
+        length_norm, unbiased, drop, max_group, mean)
     return loss, gift_metrics(adv, z, stats, n_bad, drop_uniform_groups, group_size)
