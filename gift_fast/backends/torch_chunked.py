@@ -439,8 +439,11 @@ def stream_logits(x, weight, bias, y, temperature, softcap, z):
 @torch.no_grad()
 def stream_dlogits(z, y, g, lse, temperature, softcap, out):
     """The loss gradient of the rows whose :func:`stream_logits` matrix is ``z``: returns the
-    per-row factor r = -g / T with D = r[:, None] * z (``out`` is ``z``); rows with g = 0 get
-    r = 0 and z = 0 (their logits may be non-finite, and 0 * NaN is not 0)."""
-    dead = torch.nonzero(g == 0).squeeze(1)     # eager only (token_local): a host read is fine
-    z.index_fill_(0, dead, 0.0)
+    per-row factor r = -g / T with D = r[:, None] * z (``out`` is ``z``). Rows with g = 0 get
+    r = 0, which zeroes their D exactly where z is finite; z is not finite only on rows whose
+    logits are not (a NaN or +inf logit, or all -inf), and then neither is lse: those rows are
+    zeroed (0 * NaN is not 0)."""
+    # Eager only (token_local): the host read of the row count is fine.
+    bad = torch.nonzero((g == 0) & ~torch.isfinite(lse)).squeeze(1)
+    z.index_fill_(0, bad, 0.0)
     return torch.div(g, -temperature).to(z.dtype)
