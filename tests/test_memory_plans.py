@@ -135,6 +135,16 @@ def test_token_local_plans_match_float64(shape, backend, dtype, kind):
     assert torch.all(leaves[0].grad[~mask] == 0)
 
 
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, "one"), (torch.float32, "chunks"),
+                                         (torch.float16, "one")])
+def test_torch_stream_in_small_row_blocks_matches_float64(monkeypatch, dtype, kind):
+    """The torch stream's row blocks (stream_logits) at 2 rows of V = 53, 21 rows: ten blocks
+    and a partial one per chunk of every row; blocks of one chunk of 2 rows. Same bounds."""
+    from gift_fast.backends import torch_chunked
+    monkeypatch.setattr(torch_chunked, "STREAM_BLOCK_ELEMENTS", 2 * SHAPES["odd"][3])
+    test_token_local_plans_match_float64("odd", "torch", dtype, kind)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_n_by_v_tensor_unless_the_plan_stores_logits(backend):
     """Chunks of 4 rows: no floating tensor of N x V elements (or more than the stream's
