@@ -259,11 +259,15 @@ def test_storing_logits_keeps_the_tiles_and_the_bits():
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_stream_confident_rows_match_float64(softcap):
     """Rows whose target holds nearly all the mass (p_t > 1 - 1e-4): the torch stream
-    stores p - onehot (p_t - 1 cancels) and applies -g / T to the GEMMs' [rows, H] operands.
-    Bound: loss_rounding_bounds (tests/helpers.py, step 4): per probability, exp 4u, the
-    division by the row sum u, the softcap slope u, -g / T u and the product that applies it
-    (to a row of dX or of X) u: 8u, the epilogue's count; p_t - 1 rounds once relative to the
-    result, the (u + dlogits_u) |G| term; the shift z - max rounds by at most u |z - lse|."""
+    stores p - onehot (p_t - 1 cancels) and applies r = -g / T to the GEMMs' [rows, H] operands.
+    Bound: loss_rounding_bounds (tests/helpers.py, steps 2 and 4). The torch stream's p_v =
+    e^(z_v - m) / s: the shift rounds by u |z_v - m| <= u |z_v - lse| (inside dz'_v, m being
+    the max); exp 4u; s, a plain sum of V such terms, within gamma(V + 3) relative; the division
+    u; then the softcap slope's product u, r = g * (-1 / T) 2u and its product with a row of dX
+    or of X u: relative error <= dz'_v + sum_w p_w dz'_w + gamma(V + 3) + 9u. The bound allows
+    dz'_v + dlse + 8u with dlse >= sum_w p_w dz'_w + gamma(6V + 4), and gamma(6V + 4) -
+    gamma(V + 3) >= u. p_t - 1 rounds once relative to its result: the (u + dlogits_u) |G|
+    term."""
     N, H, V = 7, 8, 50
     g = torch.Generator().manual_seed(11)
     q, _ = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))

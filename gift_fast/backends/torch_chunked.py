@@ -446,4 +446,4 @@ def stream_dlogits(z, y, g, lse, temperature, softcap, out):
     # Eager only (token_local): the host read of the row count is fine.
     bad = torch.nonzero((g == 0) & ~torch.isfinite(lse)).squeeze(1)
     z.index_fill_(0, bad, 0.0)
-    return torch.div(g, -temperature).to(z.dtype)
+    return (g * (-1.0 / temperature)).to(z.dtype)
