@@ -135,6 +135,16 @@ def test_token_local_plans_match_float64(shape, backend, dtype, kind):
     assert torch.all(leaves[0].grad[~mask] == 0)
 
 
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, "one"), (torch.float32, "chunks"),
+                                         (torch.float16, "one")])
+def test_torch_stream_in_small_row_blocks_matches_float64(monkeypatch, dtype, kind):
+    """The torch stream's row blocks (stream_logits) at 2 rows of V = 53, 21 rows: ten blocks
+    and a partial one per chunk of every row; blocks of one chunk of 2 rows. Same bounds."""
+    from gift_fast.backends import torch_chunked
+    monkeypatch.setattr(torch_chunked, "STREAM_BLOCK_ELEMENTS", 2 * SHAPES["odd"][3])
+    test_token_local_plans_match_float64("odd", "torch", dtype, kind)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_n_by_v_tensor_unless_the_plan_stores_logits(backend):
     """Chunks of 4 rows: no floating tensor of N x V elements (or more than the stream's
@@ -244,3 +254,79 @@ def test_storing_logits_keeps_the_tiles_and_the_bits():
     size = x.double().abs() @ w.double().abs().T + b.double().abs()
     bound = (gamma(25) * size + 8 * U32 * 4.0) / 0.7 + 2 * U32 * ref.abs()
     assert_within("stored logits", z, ref, bound)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_stream_confident_rows_match_float64(softcap):
+    """Rows whose target holds nearly all the mass (p_t > 1 - 1e-4): the torch stream
+    stores p - onehot (p_t - 1 cancels) and applies r = -g / T to the GEMMs' [rows, H] operands.
+    Bound: loss_rounding_bounds (tests/helpers.py, steps 2 and 4). The torch stream's p_v =
+    e^(z_v - m) / s: the shift rounds by u |z_v - m| <= u |z_v - lse| (inside dz'_v, m being
+    the max); exp 4u; s, a plain sum of V such terms, within gamma(V + 3) relative; the division
+    u; then the softcap slope's product u, r = g * (-1 / T) 2u and its product with a row of dX
+    or of X u: relative error <= dz'_v + sum_w p_w dz'_w + gamma(V + 3) + 9u. The bound allows
+    dz'_v + dlse + 8u with dlse >= sum_w p_w dz'_w + gamma(6V + 4), and gamma(6V + 4) -
+    gamma(V + 3) >= u. p_t - 1 rounds once relative to its result: the (u + dlogits_u) |G|
+    term."""
+    N, H, V = 7, 8, 50
+    g = torch.Generator().manual_seed(11)
+    q, _ = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))
+    hidden = (3.0 * q[:N]).float()[None]              # orthogonal rows: no cross-talk below
+    weight = torch.randn(V, H, generator=g) * 0.3
+    targets = torch.arange(N)[None] * 3
+    x = hidden[0]
+    weight[targets[0]] = 25.0 * x / (x * x).sum(1, keepdim=True)     # raw z_t = 25 on every row
+    old = torch.full((1, N), -1e-3, dtype=torch.float64)
+    adv = torch.tensor([0.7], dtype=torch.float64)
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    mask = torch.ones(1, N, dtype=torch.bool)
+    fn = lambda lp: _grpo(lp.reshape(1, N), mask, old, adv)  # noqa: E731
+    with planner.use_memory_budget(_stream_cost("torch", torch.float32, N, V, H, N, False)):
+        loss, _ = one_pass_token_local(leaves[0].reshape(N, H), leaves[1], None, targets.reshape(N),
+                                       fn, ignore_index=-100, backend="torch", softcap=softcap,
+                                       temperature=0.9)
+    loss.backward()
+    exact = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    lp = linear_logprobs(exact[0], exact[1], targets, softcap=softcap, temperature=0.9,
+                         backend="reference", reference_dtype=torch.float64)
+    assert (lp.detach() > -1e-4).all()              # the case under test: p_t near 1
+    grads64 = torch.autograd.grad(fn(lp)[0], exact)
+    bounds = loss_rounding_bounds(fn, "torch", torch.float32, hidden, weight, None, targets,
+                                  temperature=0.9, softcap=softcap)
+    for name, leaf, g64 in zip(("d_hidden", "d_weight"), leaves, grads64):
+        assert_within(name, leaf.grad.reshape(g64.shape), g64,
+                      getattr(bounds.grads, name).reshape(g64.shape))
+
+
+@pytest.mark.parametrize("kind", ["one", "chunks"])
+def test_stream_dead_rows_with_non_finite_hidden_add_exactly_zero(kind):
+    """An ignored row whose hidden state is NaN or inf: its dX row is exactly 0 and dW / db are
+    those of the same call with that row zeroed (the row scale -g / T is 0 there, and 0 * NaN
+    is not 0, so the stream zeroes the row's stored values and X's row itself)."""
+    hidden, weight, b, targets, old, adv, kw = _inputs("odd", torch.float32, seed=3)
+    B, T, H = hidden.shape
+    V, N = weight.shape[0], B * T
+    bad = hidden.clone()
+    bad[0, 0, 0], bad[1, 1, 2] = float("nan"), float("inf")          # both ignored rows
+    assert (targets[0, 0] == -100) and (targets[1, 1] == -100)
+    clean = hidden.clone()
+    clean[0, 0], clean[1, 1] = 0.0, 0.0
+    mask = targets != -100
+    budget = _budget(kind, "torch", torch.float32, N, V, H, True)
+
+    def run(h):
+        leaves = [t.clone().requires_grad_() for t in (h, weight, b)]
+        with planner.use_memory_budget(budget):
+            loss, _ = one_pass_token_local(
+                leaves[0].reshape(N, H), leaves[1], leaves[2], targets.reshape(N),
+                lambda lp: _grpo(lp.reshape(B, T), mask, old, adv), ignore_index=-100,
+                backend="torch", **kw)
+        loss.backward()
+        return loss.detach(), [t.grad for t in leaves]
+
+    loss_bad, grads_bad = run(bad)
+    loss_clean, grads_clean = run(clean)
+    assert torch.equal(loss_bad, loss_clean)
+    assert torch.all(grads_bad[0][0, 0] == 0) and torch.all(grads_bad[0][1, 1] == 0)
+    for a, c in zip(grads_bad, grads_clean):
+        assert torch.equal(a, c)

@@ -70,19 +70,25 @@ def grads_from_logits(backend, z, d, x, y, g, lse, temperature, softcap, w_mm, d
     """The gradients of rows whose stored logits are ``z`` and upstream gradient ``g``: D into
     ``d`` (``z`` itself when the GEMMs take the logits' dtype; rows with g = 0 get D = 0), then
     ``d_hidden`` = D @ W (through ``dx_tmp`` when the GEMM dtype is not the gradient's),
-    ``dw_sum`` (+)= D.T @ X, ``db32`` += column sums of D; None where not wanted."""
-    backend.stream_dlogits(z, y, g, lse, temperature, softcap, d)
+    ``dw_sum`` (+)= D.T @ X, ``db32`` += column sums of D; None where not wanted.
+
+    A backend's ``stream_dlogits`` may return a per-row factor r with D = r[:, None] * d (None:
+    D = d): r then scales dX's rows and X's rows, [rows, H] each, not the [rows, V] d."""
+    r = backend.stream_dlogits(z, y, g, lse, temperature, softcap, d)
     if d_hidden is not None:
-        if dx_tmp is None:
-            mm_into(d_hidden, d, w_mm)
-        else:
-            d_hidden.copy_(mm_into(dx_tmp, d, w_mm))
+        dx = mm_into(d_hidden if dx_tmp is None else dx_tmp, d, w_mm)
+        if r is not None:
+            dx.mul_(r[:, None])
+        if dx_tmp is not None:
+            d_hidden.copy_(dx)
     if dw_sum is not None:
         # A dead row's D is 0, but 0 * a non-finite hidden state is not: zero those rows.
         xm = torch.where((g != 0)[:, None], x, 0.0).to(d.dtype)
+        if r is not None:
+            xm.mul_(r[:, None])
         mm_into(dw_sum, d.T, xm, accumulate=accumulate)
     if db32 is not None:
-        db32 += d.sum(0, dtype=db32.dtype)
+        db32 += (d.sum(0, dtype=db32.dtype) if r is None else (d.T @ r).to(db32.dtype))
 
 
 def _stream(backend, hidden, weight, bias, y, active, epilogue, temperature, softcap, need,
@@ -166,7 +172,10 @@ class OnePassTokenLocal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_loss):
         # In place: the gradients are ours alone, and a second dX/dW copy would double memory.
-        grads = tuple(None if t is None else t.mul_(d_loss.to(t.dtype)) for t in ctx.grads)
+        # grad_output 1 (loss.backward()) skips that pass over dW; read where it is free (CPU).
+        unit = (d_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+                and bool(d_loss == 1))
+        grads = tuple(t if t is None or unit else t.mul_(d_loss.to(t.dtype)) for t in ctx.grads)
         ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None)
 

@@ -363,9 +363,10 @@ def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, s
 
 # -- the stream plan of token-local losses (``token_local``) ----------------------------------
 
-# Columns of the chunk processed per elementwise step when a second [rows, cols] buffer is
-# needed (the log-sum-exp's exponentials, the softcap factor): 1 Mi elements at most.
-STREAM_TILE_ELEMENTS = 1 << 20
+# Rows of a chunk turned into probabilities together (:func:`stream_logits`): about 1 MiB of
+# float32, so once the max has read a block from memory, the shift, exp, sum and division run
+# on it in the core's L2 cache (one pass over the chunk's logits in all, instead of one per op).
+STREAM_BLOCK_ELEMENTS = 1 << 18
 
 
 def stream_dtypes(dtype: torch.dtype):
@@ -375,64 +376,74 @@ def stream_dtypes(dtype: torch.dtype):
 
 
 def stream_fixed_bytes(n_rows: int, vocab: int, hidden: int, dtype, need_dw: bool) -> int:
-    """Scratch of the stream beyond the planner's buffers: the tile buffer, and for 16-bit inputs
-    float32 copies of the weight, of its gradient and of a chunk's dX."""
+    """Scratch of the stream beyond the planner's buffers: with softcap, the slope of one row
+    block (:func:`stream_logits`); for 16-bit inputs, float32 copies of the weight, of its
+    gradient and of a chunk's dX."""
     acc = accumulation_dtype(dtype)
     size = torch.empty((), dtype=acc).element_size()
-    fixed = min(STREAM_TILE_ELEMENTS, n_rows * vocab) * size
+    fixed = _stream_block_rows(n_rows, vocab) * vocab * size
     if acc != dtype:
         fixed += vocab * hidden * size * (2 if need_dw else 1) + n_rows * hidden * size
     return fixed
 
 
-def _stream_cols(rows: int, vocab: int) -> int:
-    return max(1, min(vocab, STREAM_TILE_ELEMENTS // max(1, rows)))
+def _stream_block_rows(rows: int, vocab: int) -> int:
+    return max(1, min(rows, STREAM_BLOCK_ELEMENTS // max(1, vocab)))
+
+
+def _softcap_slope(z: torch.Tensor, temperature: float, softcap: float, out=None):
+    """d softcap(raw) / d raw = 1 - tanh^2, with tanh = z T / c, of the stored logits ``z``."""
+    f = torch.mul(z, temperature / softcap, out=out)
+    return f.mul_(f).neg_().add_(1.0)
 
 
 @torch.no_grad()
 def stream_logits(x, weight, bias, y, temperature, softcap, z):
-    """Writes the logits of the rows of ``x`` into ``z`` [rows, V]; returns (lse, target_logit).
-    ``y``: local targets, -1 for none (target_logit 0)."""
+    """The rows of ``x``: returns (lse, target_logit) and leaves in ``z`` [rows, V] the matrix
+    (p - onehot(y)) * f (f = 1 - tanh^2, the softcap slope; 1 without softcap), whose rows
+    times -g / T are the loss gradient D (:func:`stream_dlogits`). ``y``: local targets, -1 for
+    none (target_logit 0, no one-hot term).
+
+    Storing p rather than the logits lets the backward skip its pass over [rows, V]: the row
+    factor -g / T goes into the GEMMs' [rows, H] operands instead (``token_local``). Each row
+    block is shifted by its own max, so p = e^(z - m) / s in one exp (the division by s rounds
+    once, where z - lse would carry lse's rounding)."""
     rows, vocab = z.shape
     _logit_tile(x.to(z.dtype), weight, bias, 0, vocab, softcap, temperature, z)
     has = y >= 0
-    target_logit = torch.where(has, z.gather(1, y.clamp(min=0)[:, None]).squeeze(1), 0.0)
-    m = z.amax(1)
-    s = torch.zeros_like(m)
-    cols = _stream_cols(rows, vocab)
-    tile = torch.empty(rows * cols, dtype=z.dtype, device=z.device)
-    for v0 in range(0, vocab, cols):
-        v1 = min(vocab, v0 + cols)
-        t = torch.sub(z[:, v0:v1], m[:, None], out=tile[:rows * (v1 - v0)].view(rows, v1 - v0))
-        s += _exp_(t).sum(1)
-    return m + torch.log(s), target_logit
+    safe_y = y.clamp(min=0)[:, None]
+    target_logit = torch.where(has, z.gather(1, safe_y).squeeze(1), 0.0)
+    lse = torch.empty(rows, dtype=z.dtype, device=z.device)
+    step = _stream_block_rows(rows, vocab)
+    slope = (torch.empty(step * vocab, dtype=z.dtype, device=z.device)
+             if softcap is not None else None)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        blk = z[r0:r1]
+        f = None
+        if softcap is not None:         # from the logits, before they are overwritten
+            f = _softcap_slope(blk, temperature, softcap, slope[:(r1 - r0) * vocab].view(r1 - r0, vocab))
+        m = blk.amax(1, keepdim=True)
+        s = _exp_(blk.sub_(m)).sum(1, keepdim=True)
+        blk.div_(s)
+        if f is not None:
+            blk.mul_(f)
+        lse[r0:r1] = (m + torch.log(s)).squeeze(1)
+    # The target's one-hot term, times its slope (the same ops on the same logit as above).
+    f_t = (_softcap_slope(target_logit, temperature, softcap) if softcap is not None
+           else torch.ones_like(target_logit))
+    z.scatter_add_(1, safe_y, torch.where(has, -f_t, 0.0)[:, None])
+    return lse, target_logit
 
 
 @torch.no_grad()
 def stream_dlogits(z, y, g, lse, temperature, softcap, out):
-    """D = [g (onehot - p)] / T * softcap' of the rows whose logits are ``z``, in place
-    (``out`` is ``z``); rows with g = 0 get exactly 0 (their logits may be non-finite)."""
-    rows, vocab = z.shape
-    inv_t = 1.0 / temperature
-    g_t = (g * inv_t).to(z.dtype)
-    dead = (g == 0)[:, None]
-    has = y >= 0
-    cols = _stream_cols(rows, vocab)
-    tile = (torch.empty(rows * cols, dtype=z.dtype, device=z.device)
-            if softcap is not None else None)
-    for v0 in range(0, vocab, cols):
-        v1 = min(vocab, v0 + cols)
-        blk = z[:, v0:v1]
-        if softcap is not None:
-            # d softcap(raw) / d raw = 1 - tanh^2, with tanh = z * T / c (before z is reused).
-            fac = torch.mul(blk, temperature / softcap,
-                            out=tile[:rows * (v1 - v0)].view(rows, v1 - v0))
-            fac.mul_(fac).neg_().add_(1.0)
-        _exp_(blk.sub_(lse[:, None].to(z.dtype))).mul_(-g_t[:, None])
-        here = has & (y >= v0) & (y < v1)
-        blk.scatter_add_(1, (y - v0).clamp_(0, v1 - v0 - 1)[:, None],
-                         torch.where(here, g_t, 0.0)[:, None])
-        if softcap is not None:
-            blk.mul_(fac)
-        blk.masked_fill_(dead, 0.0)
-    return z
+    """The loss gradient of the rows whose :func:`stream_logits` matrix is ``z``: returns the
+    per-row factor r = -g / T with D = r[:, None] * z (``out`` is ``z``). Rows with g = 0 get
+    r = 0, which zeroes their D exactly where z is finite; z is not finite only on rows whose
+    logits are not (a NaN or +inf logit, or all -inf), and then neither is lse: those rows are
+    zeroed (0 * NaN is not 0)."""
+    # Eager only (token_local): the host read of the row count is fine.
+    bad = torch.nonzero((g == 0) & ~torch.isfinite(lse)).squeeze(1)
+    z.index_fill_(0, bad, 0.0)
+    return (g * (-1.0 / temperature)).to(z.dtype)

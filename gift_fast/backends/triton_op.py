@@ -238,5 +238,7 @@ def stream_logits(x, weight, bias, y, temperature, softcap, z):
 
 
 def stream_dlogits(z, y, g, lse, temperature, softcap, out):
-    """D of the rows whose logits are ``z`` into ``out`` (``z`` itself for float32)."""
-    return dlogits_from_logits(z, y, g, lse, temperature, softcap, out)
+    """D of the rows whose logits are ``z`` into ``out`` (``z`` itself for float32); None: no
+    per-row factor (``token_local.grads_from_logits``)."""
+    dlogits_from_logits(z, y, g, lse, temperature, softcap, out)
+    return None
