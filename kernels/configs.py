@@ -9,6 +9,8 @@ comments say what the check found when an entry was changed.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .target import (AMPERE, BLACKWELL, BLACKWELL_CONSUMER, CDNA2, CDNA3, CDNA4, HOPPER,
@@ -92,6 +94,17 @@ def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
         # A second stage spilled on sm_90 with bias + softcap + the logits store.
         cfg["num_stages"] = 1
     return cfg
+
+
+def shift_columns(dtype, target) -> int:
+    """Columns per stored tile maximum of the forward's 16-bit logits store (``Z_SHIFT``): the
+    gcd of the BLOCK_V of both 16-bit cases, so a chunk whose rows happen to be unaligned (other
+    tiles) writes the same layout and the reader needs no per-launch tile width."""
+    if target == INTERPRETER:
+        return _INTERPRETER_TILE["BLOCK_V"]
+    if dtype == torch.float32:
+        return _pick(FORWARD, target, "fp32")["BLOCK_V"]
+    return math.gcd(*(_pick(FORWARD, target, c)["BLOCK_V"] for c in ("16bit", "unaligned")))
 
 
 def dlogits_config(dtype, target, aligned: bool = True) -> dict:
