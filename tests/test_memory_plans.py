@@ -54,7 +54,7 @@ def _stream_cost(backend, dtype, N, V, H, rows, need_db, dw_sum=""):
     elt = torch.empty((), dtype=module.stream_dtypes(dtype)[1]).element_size()
     return (module.stream_fixed_bytes(N, V, H, dtype, True)
             + planner.stored_logits_bytes(rows, V, H, elt, -(-N // rows), True, need_db, N,
-                                          logit_store(module, V, H, dtype), dw_sum))
+                                          logit_store(module, V, H, dtype, 'cpu'), dw_sum))
 
 
 def _sixteen_bit_gemms(backend, dtype):
@@ -110,7 +110,7 @@ def test_token_local_plans_match_float64(shape, backend, dtype, kind):
         N, V, H, torch.empty((), dtype=elt).element_size(), True, True, b is not None,
         budget=budget, fixed_bytes=module.stream_fixed_bytes(N, V, H, dtype, True),
         recompute_minimum=module.recompute_minimum(N, V, H, dtype, True, kw["softcap"]),
-        store=logit_store(module, V, H, dtype))
+        store=logit_store(module, V, H, dtype, 'cpu'))
     if want:
         assert (plan.kind, plan.step, plan.dw_sum) == want
     else:
@@ -213,7 +213,7 @@ def test_sixteen_bit_stream_stores_two_bytes_and_no_n_by_v_tensor(dtype):
     weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=g)
     old, adv = torch.full((N,), -3.0), torch.ones(1)
-    width = -(-V // 8) * 8 + 2 * -(-V // triton_op._shift_cols(dtype))
+    width = -(-V // 8) * 8 + 2 * -(-V // triton_op._shift_cols(dtype, hidden))
 
     def run(budget):
         with planner.use_memory_budget(budget), LargestAllocation() as spy:
@@ -344,7 +344,7 @@ def test_sixteen_bit_store_keeps_the_bits_and_the_shifted_logits(dtype):
     z = triton_op.stream_buffer(N, V, dtype, x.device)
     lse, target_logit = triton_op.stream_logits(x, w, b, y, 0.7, None, z)
     assert torch.equal(lse, st.lse) and torch.equal(target_logit, st.target_logit)
-    cols = triton_op._shift_cols(dtype)
+    cols = triton_op._shift_cols(dtype, x)
     shift = triton_op._shift_of(z).double().repeat_interleave(cols, 1)[:, :V]
     got = z.view(torch.float16).double() + shift
     ref = (x.double() @ w.double().T + b.double()) / 0.7

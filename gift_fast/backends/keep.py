@@ -34,7 +34,7 @@ def keep_fits(backend: str, hidden: torch.Tensor, weight: torch.Tensor, need, bu
     elt = torch.empty((), dtype=mm_dtype).element_size()
     fixed = module.stream_fixed_bytes(N, V, H, hidden.dtype, need[1])
     cost = planner.keep_bytes(N, V, H, elt, need[1], need[2], fixed,
-                              logit_store(module, V, H, hidden.dtype))
+                              logit_store(module, V, H, hidden.dtype, hidden.device))
     return cost <= planner.memory_budget(hidden.device, budget)
 
 

@@ -39,10 +39,10 @@ def _row_grad(epilogue, logp):
     return loss, metrics, g
 
 
-def logit_store(backend, vocab, hidden, dtype) -> planner.LogitStore:
+def logit_store(backend, vocab, hidden, dtype, device) -> planner.LogitStore:
     """The backend's stored-logits layout for the planner (default: float32 logits)."""
     store = getattr(backend, "stream_store", None)
-    return planner.FLOAT32_LOGITS if store is None else store(vocab, hidden, dtype)
+    return planner.FLOAT32_LOGITS if store is None else store(vocab, hidden, dtype, device)
 
 
 def logits_buffer(backend, rows, vocab, dtype, device) -> torch.Tensor:
@@ -172,7 +172,7 @@ class OnePassTokenLocal(torch.autograd.Function):
         plan = planner.plan_token_local(
             N, V, H, elt, *need, budget=budget, fixed_bytes=fixed,
             recompute_minimum=module.recompute_minimum(N, V, H, hidden.dtype, need[1], softcap),
-            store=logit_store(module, V, H, hidden.dtype))
+            store=logit_store(module, V, H, hidden.dtype, hidden.device))
         box["plan"] = plan
         if plan.kind == "stream":
             loss, metrics, grads = _stream(module, hidden, weight, bias, y, active, epilogue,

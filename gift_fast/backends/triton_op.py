@@ -224,36 +224,41 @@ def stream_dtypes(dtype: torch.dtype):
     return torch.float32, dtype
 
 
-def _shift_cols(dtype) -> int:
+def _shift_cols(dtype, where) -> int:
+    """Columns per stored shift on the target of ``where`` (a tensor, or a kernels Target)."""
     from ..kernels.configs import shift_columns
     from ..kernels.target import launch_target
-    return shift_columns(dtype, launch_target(torch.empty(0)))
+    return shift_columns(dtype, launch_target(where) if isinstance(where, torch.Tensor)
+                         else where)
 
 
-def _layout(vocab: int, dtype):
+def _layout(vocab: int, dtype, where):
     """(columns of the values, of a row's shifts in the input dtype, shift columns)."""
-    cols = _shift_cols(dtype)
+    cols = _shift_cols(dtype, where)
     return -(-vocab // 8) * 8, 2 * -(-vocab // cols), cols     # 8 x 2 bytes: 16-byte rows
 
 
-def stream_store(vocab: int, hidden: int, dtype) -> planner.LogitStore:
-    """The planner's :class:`plan.LogitStore` of :func:`stream_buffer` (its padding included)."""
+def stream_store(vocab: int, hidden: int, dtype, device=None, target=None) -> planner.LogitStore:
+    """The planner's :class:`plan.LogitStore` of :func:`stream_buffer` on ``device`` (or for
+    ``target``, a ``kernels.target`` Target: the cost model's GPU), its padding included."""
     if dtype == torch.float32:
         return planner.FLOAT32_LOGITS
-    return planner.LogitStore(2, _shift_cols(dtype), 8)
+    where = target if target is not None else torch.empty(0, device=device)
+    return planner.LogitStore(2, _shift_cols(dtype, where), 8)
 
 
 def stream_buffer(rows: int, vocab: int, dtype, device) -> torch.Tensor:
     """The [rows, V] stored-logits buffer of a chunk (see above)."""
     if dtype == torch.float32:
         return torch.empty((rows, vocab), dtype=torch.float32, device=device)
-    values, shifts, _ = _layout(vocab, dtype)
+    buf = torch.empty((rows, 0), dtype=dtype, device=device)
+    values, shifts, _ = _layout(vocab, dtype, buf)
     return torch.empty((rows, values + shifts), dtype=dtype, device=device)[:, :vocab]
 
 
 def _shift_of(z: torch.Tensor) -> torch.Tensor:
     """The float32 shifts [rows, cdiv(V, cols)] stored after the values of :func:`stream_buffer`."""
-    values, shifts, _ = _layout(z.shape[1], z.dtype)
+    values, shifts, _ = _layout(z.shape[1], z.dtype, z)
     full = z.as_strided((z.shape[0], values + shifts), z.stride(), z.storage_offset())
     return full[:, values:].view(torch.float32)
 
@@ -288,4 +293,4 @@ def stream_dlogits(z, y, g, lse, temperature, softcap, out):
     if z.dtype == torch.float32:
         return dlogits_from_logits(z, y, g, lse, temperature, softcap, out)
     return dlogits_from_logits(z.view(torch.float16), y, g, lse, temperature, softcap, out,
-                               shift=_shift_of(z), shift_cols=_shift_cols(z.dtype))
+                               shift=_shift_of(z), shift_cols=_shift_cols(z.dtype, z))
