@@ -98,21 +98,18 @@ def _logprob_forward_kernel(
                           stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
                           DOT_PRECISION)
         z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        tile_max = tl.max(z, axis=1)
         if STORE_LOGITS:
             z_ptrs = Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :]
             z_mask = row_mask[:, None] & col_mask[None, :]
             if SHIFTED_LOGITS:
-                m_t = tl.max(z, axis=1)
-                tl.store(z_ptrs, (z - m_t[:, None]).to(tl.float16), mask=z_mask)
-                slots = v0 // SHIFT_COLS + tl.arange(0, BLOCK_V // SHIFT_COLS)
-                tl.store(Z_SHIFT + rows64[:, None] * stride_sn + slots[None, :],
-                         tl.broadcast_to(m_t[:, None], (BLOCK_N, BLOCK_V // SHIFT_COLS)),
-                         mask=row_mask[:, None] & (slots * SHIFT_COLS < v_end)[None, :])
+                tl.store(z_ptrs, (z - tile_max[:, None]).to(tl.float16), mask=z_mask)
+                for k in tl.static_range(BLOCK_V // SHIFT_COLS):     # one m_t per slot
+                    tl.store(Z_SHIFT + rows64 * stride_sn + (v0 // SHIFT_COLS + k), tile_max,
+                             mask=row_mask & (rows * 0 + v0 + k * SHIFT_COLS < v_end))
             else:
                 tl.store(z_ptrs, z, mask=z_mask)
-
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        tile_max = tl.max(z, axis=1)
         tile_arg = tl.argmax(z, axis=1).to(tl.int32) + v0
         better = tile_max > best          # strict: the first maximum wins, as torch.argmax
         arg = tl.where(better, tile_arg, arg)

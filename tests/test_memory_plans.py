@@ -203,7 +203,7 @@ def test_no_n_by_v_tensor_unless_the_plan_stores_logits(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sixteen_bit_stream_stores_two_bytes_and_no_n_by_v_tensor(dtype):
     """triton, 16-bit inputs: the stored logits are one [rows, W] buffer of the input dtype, W =
-    V padded to 8 columns + a float32 shift per shift_columns (2 elements each): chunks of 4 rows
+    V + a float32 shift per shift_columns (2 elements each), both padded to 16: chunks of 10 rows
     allocate nothing of N x V elements; one chunk of every row allocates exactly that buffer,
     2 bytes per element, within the budget (no float32 [N, V] tensor)."""
     from gift_fast.backends import triton_op
@@ -213,7 +213,7 @@ def test_sixteen_bit_stream_stores_two_bytes_and_no_n_by_v_tensor(dtype):
     weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=g)
     old, adv = torch.full((N,), -3.0), torch.ones(1)
-    width = -(-V // 8) * 8 + 2 * -(-V // triton_op._shift_cols(dtype, hidden))
+    width = -(-V // 16) * 16 + -(-2 * -(-V // triton_op._shift_cols(dtype, hidden)) // 16) * 16
 
     def run(budget):
         with planner.use_memory_budget(budget), LargestAllocation() as spy:
@@ -275,7 +275,7 @@ def test_token_local_plan_prefers_the_stream_and_falls_back():
     # triton's 16-bit store (2 bytes + a float32 shift per 64 columns): 2 chunks within 2 GiB
     # (dW in bf16), one chunk within 4 GiB; at 4 x N the float32 dW sum (2.32 GiB) is smaller
     # than half the rows' logits: 2 chunks with it within 7.5 GiB, in bf16 within 5 GiB.
-    store = planner.LogitStore(2, 64, 8)
+    store = planner.LogitStore(2, 64, 16)
     p2 = planner.plan_token_local(n, v, h, 2, budget=2 << 30, store=store)
     assert (p2.kind, -(-n // p2.step), p2.dw_sum) == ("stream", 2, "gemm")
     p4 = planner.plan_token_local(n, v, h, 2, budget=4 << 30, store=store)

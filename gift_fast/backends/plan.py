@@ -113,18 +113,20 @@ class Plan:
 
 @dataclass(frozen=True)
 class LogitStore:
-    """How a backend stores a chunk's logits: ``value_bytes`` per logit (a row's values padded
-    to a multiple of ``pad_cols``), and when ``shift_cols`` is not 0 a float32 shift per row and
-    ``shift_cols`` columns. D is formed in place when it has the size of a stored logit (the
-    GEMM operands' element size), else in its own buffer."""
+    """How a backend stores a chunk's logits: ``value_bytes`` per logit, and when ``shift_cols``
+    is not 0 a float32 shift per row and ``shift_cols`` columns; the values and the shifts each
+    padded to a multiple of ``pad_cols`` elements of ``value_bytes``. D is formed in place when
+    it has the size of a stored logit (the GEMM operands' element size), else in its own
+    buffer."""
     value_bytes: int = 4
     shift_cols: int = 0
     pad_cols: int = 1
 
     def row_bytes(self, vocab: int, element_size: int) -> int:
         """Bytes of one row's stored logits, shifts and (when not in place) D."""
-        total = -(-vocab // self.pad_cols) * self.pad_cols * self.value_bytes
-        total += -(-vocab // self.shift_cols) * 4 if self.shift_cols else 0
+        unit = self.pad_cols * self.value_bytes
+        total = -(-vocab * self.value_bytes // unit) * unit
+        total += -(-(-(-vocab // self.shift_cols) * 4) // unit) * unit if self.shift_cols else 0
         return total + (vocab * element_size if element_size != self.value_bytes else 0)
 
 

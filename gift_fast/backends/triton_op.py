@@ -216,7 +216,7 @@ def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, s
 # float32 inputs store float32 logits and form D over them. 16-bit inputs store float16 z - m_t
 # with the float32 tile maxima m_t (``kernels/logprob_forward.py``) and write D over them in the
 # input dtype: one [rows, W] buffer of the input dtype holds a row's V values in its first
-# columns (16-byte aligned row starts) and its shifts, as float32, in the last ones; the
+# columns and its shifts, as float32, in the last ones (see ``_layout``); the
 # [rows, V] view the op passes around keeps its shifts with it when sliced by rows.
 
 def stream_dtypes(dtype: torch.dtype):
@@ -235,7 +235,9 @@ def _shift_cols(dtype, where) -> int:
 def _layout(vocab: int, dtype, where):
     """(columns of the values, of a row's shifts in the input dtype, shift columns)."""
     cols = _shift_cols(dtype, where)
-    return -(-vocab // 8) * 8, 2 * -(-vocab // cols), cols     # 8 x 2 bytes: 16-byte rows
+    # Both parts padded to 16 elements: row starts and the shifts 32-byte aligned, and a row
+    # stride Triton specialises as divisible by 16 (vector stores).
+    return -(-vocab // 16) * 16, -(-2 * -(-vocab // cols) // 16) * 16, cols
 
 
 def stream_store(vocab: int, hidden: int, dtype, device=None, target=None) -> planner.LogitStore:
@@ -244,7 +246,7 @@ def stream_store(vocab: int, hidden: int, dtype, device=None, target=None) -> pl
     if dtype == torch.float32:
         return planner.FLOAT32_LOGITS
     where = target if target is not None else torch.empty(0, device=device)
-    return planner.LogitStore(2, _shift_cols(dtype, where), 8)
+    return planner.LogitStore(2, _shift_cols(dtype, where), 16)
 
 
 def stream_buffer(rows: int, vocab: int, dtype, device) -> torch.Tensor:
@@ -258,9 +260,9 @@ def stream_buffer(rows: int, vocab: int, dtype, device) -> torch.Tensor:
 
 def _shift_of(z: torch.Tensor) -> torch.Tensor:
     """The float32 shifts [rows, cdiv(V, cols)] stored after the values of :func:`stream_buffer`."""
-    values, shifts, _ = _layout(z.shape[1], z.dtype, z)
+    values, shifts, cols = _layout(z.shape[1], z.dtype, z)
     full = z.as_strided((z.shape[0], values + shifts), z.stride(), z.storage_offset())
-    return full[:, values:].view(torch.float32)
+    return full[:, values:values + 2 * -(-z.shape[1] // cols)].view(torch.float32)
 
 
 def stream_fixed_bytes(n_rows: int, vocab: int, hidden: int, dtype, need_dw: bool) -> int:
