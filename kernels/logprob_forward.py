@@ -63,6 +63,19 @@ def _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_x
 
 
 @triton.jit
+def _store_shifted(Z, Z_SHIFT, z, tile_max, rows, rows64, row_mask, cols, col_mask, v0, v_end,
+                   stride_zn, stride_sn, BLOCK_V: tl.constexpr, SHIFT_COLS: tl.constexpr):
+    """The 16-bit logits store: float16(z - m_t) and m_t once per SHIFT_COLS columns."""
+    tl.store(Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :],
+             (z - tile_max[:, None]).to(tl.float16), mask=row_mask[:, None] & col_mask[None, :])
+    shift_ptrs = Z_SHIFT + rows64 * stride_sn + v0 // SHIFT_COLS
+    tl.store(shift_ptrs, tile_max, mask=row_mask)                # slot 0: v0 < v_end
+    for k in tl.static_range(1, BLOCK_V // SHIFT_COLS):          # the tile's other slots
+        tl.store(shift_ptrs + k, tile_max,
+                 mask=row_mask & (rows * 0 + v0 + k * SHIFT_COLS < v_end))
+
+
+@triton.jit
 def _logprob_forward_kernel(
     X, W, B, Y,
     M_part, S_part, T_part, ZY_part, BEST_part, ARG_part, Z, Z_SHIFT,
@@ -71,6 +84,7 @@ def _logprob_forward_kernel(
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
     STORE_LOGITS: tl.constexpr, SHIFTED_LOGITS: tl.constexpr, SHIFT_COLS: tl.constexpr,
+    STORE_LATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -98,18 +112,15 @@ def _logprob_forward_kernel(
                           stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
                           DOT_PRECISION)
         z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+        if STORE_LOGITS and not SHIFTED_LOGITS:
+            tl.store(Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :], z,
+                     mask=row_mask[:, None] & col_mask[None, :])
+
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         tile_max = tl.max(z, axis=1)
-        if STORE_LOGITS:
-            z_ptrs = Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :]
-            z_mask = row_mask[:, None] & col_mask[None, :]
-            if SHIFTED_LOGITS:
-                tl.store(z_ptrs, (z - tile_max[:, None]).to(tl.float16), mask=z_mask)
-                for k in tl.static_range(BLOCK_V // SHIFT_COLS):     # one m_t per slot
-                    tl.store(Z_SHIFT + rows64 * stride_sn + (v0 // SHIFT_COLS + k), tile_max,
-                             mask=row_mask & (rows * 0 + v0 + k * SHIFT_COLS < v_end))
-            else:
-                tl.store(z_ptrs, z, mask=z_mask)
+        if SHIFTED_LOGITS and not STORE_LATE:
+            _store_shifted(Z, Z_SHIFT, z, tile_max, rows, rows64, row_mask, cols, col_mask, v0,
+                           v_end, stride_zn, stride_sn, BLOCK_V, SHIFT_COLS)
         tile_arg = tl.argmax(z, axis=1).to(tl.int32) + v0
         better = tile_max > best          # strict: the first maximum wins, as torch.argmax
         arg = tl.where(better, tile_arg, arg)
@@ -123,6 +134,9 @@ def _logprob_forward_kernel(
             t = alpha * (t + (m - m_new) * s) + tl.sum(p * d, axis=1)
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
+        if SHIFTED_LOGITS and STORE_LATE:
+            _store_shifted(Z, Z_SHIFT, z, tile_max, rows, rows64, row_mask, cols, col_mask, v0,
+                           v_end, stride_zn, stride_sn, BLOCK_V, SHIFT_COLS)
 
     out = pid_s.to(tl.int64) * N + rows64
     tl.store(M_part + out, m, mask=row_mask)
@@ -192,6 +206,7 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     cfg = dict(forward_config(V, H, x.dtype, target, aligned, logits_out is not None),
                **(config or {}))
     v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    store_late = cfg.pop("store_late", False)
     n_split = triton.cdiv(V, v_per_split)
     parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)
     arg = torch.empty((n_split, N), dtype=torch.int32, device=x.device)
@@ -230,7 +245,7 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
         STORE_LOGITS=logits_out is not None, SHIFTED_LOGITS=shifted,
-        SHIFT_COLS=shift_cols if shifted else 1,
+        SHIFT_COLS=shift_cols if shifted else 1, STORE_LATE=shifted and store_late,
         DOT_PRECISION=dot_precision(x.dtype), **cfg)
     ccfg = combine_config(target)
     _combine_kernel[(triton.cdiv(N, ccfg["BLOCK"]),)](

@@ -9,9 +9,9 @@ the triton backend with the same upstream gradient: the keep plan forms the same
 (the forward's tiles, checked bit for bit below), D from them with the dlogits rounding of the
 recompute plan (D stored in the input dtype), and the same GEMM sums (any order), so the bound
 of the recompute plan covers it; for 16-bit inputs plus the rounding of the stored float16
-logits (``stored_logits`` of the bound). The memory test: the stored logits are the only [N, V] tensor
-and fit the budget; below the keep plan's bytes, no-grad passes and entropy outputs recompute
-(no [N, V] tensor).
+logits (``stored_logits`` of the bound). The memory test: the stored logits are the only [N, V]
+tensor and fit the budget; below the keep plan's bytes, no-grad passes and entropy outputs
+recompute (no [N, V] tensor).
 """
 import pytest
 import torch

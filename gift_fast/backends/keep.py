@@ -1,6 +1,7 @@
 """The keep plan of two-phase ops (:mod:`.plan`; 3 GEMM-eq): the forward stores the logits of
-all rows (the stream plan's buffer: float32, or 16-bit shifted on triton), the backward forms D from them in place and runs dX = D @ W, dW = D.T @ X in
-cuBLAS (:mod:`.blas`), without recomputing the logits GEMM.
+all rows (the stream plan's buffer: float32, or 16-bit shifted on triton), the backward forms
+D from them in place and runs dX = D @ W, dW = D.T @ X in cuBLAS (:mod:`.blas`), without
+recomputing the logits GEMM.
 
 Run for ``linear_logprobs`` and the fused GIFT op (``triton_gift``) when gradients are wanted, the memory budget holds the logits
 (:func:`plan.keep_bytes`), no entropy or argmax is asked for (D from stored logits has no entropy
