@@ -132,15 +132,15 @@ class LogitStore:
 
 FLOAT32_LOGITS = LogitStore(4, 0)
 # Past one stream chunk of 16-bit rows dW is summed across chunks. A separate float32 [V, H] sum
-# (no rounding but the final cast) is taken when it fits with at most this many chunks: each
-# chunk past the first reads and rewrites 4 V H bytes, more than the GEMM's own traffic at a
-# short K, so more chunks would cost more than the rounding it saves.
+# (no rounding but the final cast) is taken when it fits with at most this many chunks: every
+# chunk past the first reads and rewrites its 4 V H bytes (twice the 16-bit sum's traffic), the
+# cost that made 5 such chunks model at 1.35x the bare GEMM (docs/plans.md).
 FLOAT32_SUM_MAX_CHUNKS = 2
 # Else dW is summed in the weight dtype (cuBLAS addmm, beta = 1: one more 16-bit rounding of the
-# partial dW per chunk past the first) with at most this many chunks: 4 chunks leave dW within 4
-# roundings of 2^-8 (bf16) of its magnitude, the order of the rounding D already carries in 16
-# bits (tests/helpers.py's out_roundings); beyond that the recompute plan (4 GEMM-eq, dW summed
-# in float32 inside one GEMM) is preferred for its precision.
+# partial dW per chunk past the first) with at most this many chunks: 3 extra roundings of 2^-8
+# (bf16) of the partial sums at most, the order of the 16-bit rounding D already carries
+# (tests/helpers.py, ``dw_roundings``); beyond that the recompute plan (4 GEMM-eq, dW summed in
+# float32 inside one GEMM) is preferred for its precision.
 GEMM_DTYPE_SUM_MAX_CHUNKS = 4
 
 
