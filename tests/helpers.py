@@ -366,7 +366,8 @@ def backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets, g=Non
     dtype before its GEMMs; gradients are rounded to the leaves' dtype at the end, and with
     ``oracle_rounds_outputs`` so are the oracle's (two roundings). The torch backend clamps exp's
     argument at -80 and the kernels' exp underflows below e^-87: a probability may be off by
-    e^-80. The float64 oracle's own rounding is 2^-29 of these bounds (first-order slack)."""
+    e^-80. The float64 oracle's own rounding is 2^-29 of these bounds (first-order slack).
+    Triton with 16-bit inputs: the stored logits' rounding (``stored_logits``) by default."""
     half = dtype in (torch.float16, torch.bfloat16)
     u = U32 * (2 if half and hidden.is_cuda else 1)
     p_floor = math.exp(-80.0)
@@ -378,6 +379,11 @@ def backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets, g=Non
     # count twice; a rounding done by torch (to nearest) is covered by the same bound.
     kernel_roundings = 2 if (dtype == torch.bfloat16 and backend == "triton"
                              and not hidden.is_cuda) else 1
+    # The triton backend's stored-logits plans (stream, keep) read 16-bit inputs' logits back
+    # from float16 (z - tile max): a non-negative term, so the bound covers its recompute plan
+    # too, whichever plan the memory budget picks.
+    if half and backend == "triton":
+        kw.setdefault("stored_logits", torch.float16)
     return linear_softmax_rounding_bounds(
         hidden, weight, bias, targets, g, e, temperature, softcap, u=u,
         dlogits_u=kernel_roundings * unit_roundoff(dtype) if half and backend == "triton" else 0.0,
