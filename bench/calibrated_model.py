@@ -24,19 +24,22 @@ Units and assumptions (the same for gift_fast and the peers):
     their bytes at ``EFF_HBM`` of the HBM bandwidth; every launch costs ``LAUNCH_S``, every host
     sync ``SYNC_S``.
 
-The plans of gift_fast (issue 17, item 2) are separate functions, written from the issue's text
-and engine17's memory layout (float32 logits, float32 sums across chunks):
-``forward_only``, ``token_local_stream``, ``two_phase_keep``, ``two_phase_recompute``; the budget
-arithmetic that picks their chunk / block widths is in ``stream_rows`` and ``recompute_cols``.
-They import nothing from the library, so this model runs whatever the kernels are; to check it
-against the library's planner, compare those two functions with gift_fast/backends/plan.py.
+The plans of gift_fast (issue 17, item 2) are timed by separate functions, written from the
+issue's text and the backends' code: ``forward_only``, ``token_local_stream``,
+``two_phase_keep``, ``two_phase_recompute``. Their chunk / block widths and extra bytes come from
+the library's planner (gift_fast/backends/plan.py, with the triton backend's stored-logits
+layout ``triton_op.stream_store``): ``stream_plan``, ``recompute_cols``, ``keep_extra_bytes``
+call it, so the model times the plan the library would run (tests/test_cost_model.py checks
+that they agree).
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from gift_fast.backends import plan as planner
 
 MODEL_LABEL = "CALIBRATED COST MODEL (not a measurement; nothing here ran on a GPU)"
 EFF_HBM = 0.80
@@ -284,56 +287,77 @@ def cce(s: Shape, gpu_key: str, filtered: float) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------
-# gift_fast's plans (issue 17, item 2). Budget arithmetic first, then time.
+# gift_fast's plans (issue 17, item 2). The budget arithmetic is the library's own
+# (gift_fast/backends/plan.py, with the triton backend's stored-logits layout): the model times
+# the plan the library would run, so the two cannot disagree on chunk sizes or bytes.
 
-ALIGN = 128
-
-
-def stream_extra_bytes(s: Shape, rows: int, logits_bytes: int = 4,
-                       dw_sum_bytes: int = 4) -> int:
-    """Scratch of the token-local stream: the chunk's stored logits (``logits_bytes`` each), its
-    gradient D in the input dtype (in place when the logits are stored in it), and, past one
-    chunk, a [V, H] sum of dW (``dw_sum_bytes`` each; 0 = summed in the gradient itself)."""
-    chunks = math.ceil(s.n / rows)
-    d = 0 if logits_bytes == s.e else s.e
-    total = s.n * PER_ROW_BYTES + rows * s.v * (logits_bytes + d)
-    if chunks > 1 and dw_sum_bytes and dw_sum_bytes != s.e:
-        total += s.v * s.h * dw_sum_bytes
-    return total
+ALIGN = planner.ALIGN
+GPU_ARCH = {"h100": 90, "h200": 90, "a100": 80}     # the kernels' launch target of each GPU
 
 
-def _widest(cost: Callable[[int], float], limit: int, budget: float) -> int:
-    """Largest step <= limit (multiple of ALIGN when >= ALIGN) with cost(step) <= budget; 0 if
-    none. ``cost`` need not be monotone across the one-chunk boundary, so both are tried."""
-    if cost(limit) <= budget:
-        return limit
-    lo, hi = 0, limit - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
-    return lo // ALIGN * ALIGN if lo >= ALIGN else lo
+def _dtype(s: Shape):
+    import torch
+    return {2: torch.bfloat16, 4: torch.float32}[s.e]
 
 
-def stream_rows(s: Shape, budget: float, logits_bytes: int = 4, dw_sum_bytes: int = 4) -> int:
-    """Rows per chunk of the widest token-local stream within ``budget`` (0: none fits)."""
-    return _widest(lambda rows: stream_extra_bytes(s, rows, logits_bytes, dw_sum_bytes)
-                   if rows else math.inf, s.n, budget)
+def logit_store(s: Shape, gpu_key: str = "h100") -> "planner.LogitStore":
+    """The triton backend's stored-logits layout for these inputs on that GPU (library code:
+    ``triton_op.stream_store`` for the GPU's target)."""
+    from gift_fast.backends import triton_op
+    from gift_fast.kernels.target import target_of
+    return triton_op.stream_store(s.v, s.h, _dtype(s), target=target_of(GPU_ARCH[gpu_key]))
+
+
+def stream_plan(s: Shape, budget: float, gpu_key: str = "h100") -> Optional["planner.Plan"]:
+    """The library's token-local plan within ``budget`` (``plan.plan_token_local``, triton
+    backend, every gradient but db); None when it is not the stream (no chunk fits)."""
+    try:
+        p = planner.plan_token_local(s.n, s.v, s.h, s.e, budget=int(budget),
+                                     store=logit_store(s, gpu_key))
+    except planner.BudgetTooSmall:
+        return None
+    return p if p.kind == "stream" else None
+
+
+def stream_rows(s: Shape, budget: float, gpu_key: str = "h100") -> int:
+    """Rows per chunk of the library's token-local stream within ``budget`` (0: none fits)."""
+    p = stream_plan(s, budget, gpu_key)
+    return p.step if p else 0
+
+
+def stream_extra_bytes(s: Shape, rows: int, dw_sum: str = "", gpu_key: str = "h100") -> int:
+    """Scratch of the token-local stream with chunks of ``rows`` rows (``plan.stored_logits_bytes``;
+    ``dw_sum`` as the plan's, default the library's float32 sum past one chunk)."""
+    return planner.stored_logits_bytes(rows, s.v, s.h, s.e, math.ceil(s.n / rows), True, False,
+                                       s.n, logit_store(s, gpu_key), dw_sum)
 
 
 def recompute_extra_bytes(s: Shape, cols: int) -> int:
-    """Scratch of the vocabulary-outer recompute backward, every row live: the [N, cols] D
-    block in the input dtype and the float32 dX sum (16-bit inputs)."""
-    return s.n * PER_ROW_BYTES + s.n * cols * s.e + (s.n * s.h * 4 if s.e != 4 else 0)
+    """Scratch of the vocabulary-outer recompute backward, every row live
+    (``plan.recompute_extra_bytes``): the [N, cols] D block and the float32 dX sum (16-bit)."""
+    return planner.recompute_extra_bytes("vocab", cols, s.n, s.n, s.v, s.h, s.e)
 
 
 def recompute_cols(s: Shape, budget: float) -> int:
-    return _widest(lambda cols: recompute_extra_bytes(s, cols) if cols else math.inf, s.v,
-                   budget)
+    """The library's vocabulary block within ``budget`` (``plan.plan_recompute``, vocab order:
+    the one :func:`two_phase_recompute` times); 0 when none fits."""
+    try:
+        return planner.plan_recompute(s.n, s.n, s.v, s.h, s.e, budget=int(budget),
+                                      order="vocab").step
+    except planner.BudgetTooSmall:
+        return 0
 
 
-def keep_extra_bytes(s: Shape) -> int:
-    """Scratch of the keep plan: float32 logits of every row plus D in the input dtype."""
-    return s.n * PER_ROW_BYTES + s.n * s.v * (4 + (s.e if s.e != 4 else 0))
+def keep_extra_bytes(s: Shape, gpu_key: str = "h100") -> int:
+    """Scratch of the keep plan (``plan.keep_bytes``): the stored logits of every row."""
+    return planner.keep_bytes(s.n, s.v, s.h, s.e, store=logit_store(s, gpu_key))
+
+
+def _stored_bytes(s: Shape, gpu_key: str) -> float:
+    """Bytes of one row's stored logits (values, padding, shifts; not a separate D), per logit."""
+    st = logit_store(s, gpu_key)
+    d = s.v * s.e if s.e != st.value_bytes else 0
+    return (st.row_bytes(s.v, s.e) - d) / s.v
 
 
 def _forward_kernel(s: Shape, c, rows: int, launches: int, logits_bytes: int) -> List[Piece]:
@@ -351,26 +375,30 @@ def forward_only(s: Shape, gpu_key: str) -> Plan:
                 s.n * PER_ROW_BYTES, 1)
 
 
-def token_local_stream(s: Shape, gpu_key: str, rows: int, logits_bytes: int = 4,
-                       dw_sum_bytes: int = 4) -> Plan:
+def token_local_stream(s: Shape, gpu_key: str, rows: int, dw_sum: str = "") -> Plan:
     """Token-local losses, 3 GEMM-eq: per chunk of ``rows`` rows the Triton forward writes the
-    logits, the loss gradient is formed from them once the chunk's lse is known (a pass over
-    the chunk), dX[chunk] = D @ W and dW += D.T @ X run in cuBLAS (a float32 dW sum past one
-    chunk, cast to the weight dtype at the end)."""
+    logits (the triton backend's layout: 16-bit inputs store 2 bytes and a float32 shift per
+    tile of columns), the loss gradient D is formed from them once the chunk's lse is known (a
+    pass over the chunk, D written over 16-bit logits in place), dX[chunk] = D @ W and
+    dW (+)= D.T @ X run in cuBLAS. ``dw_sum`` as ``plan.plan_token_local`` names it: "once" (one
+    chunk), "float32" (a float32 sum, cast at the end) or "gemm" (summed in the weight dtype);
+    default: "once" for one chunk, else the library's float32 sum of 16-bit GEMMs."""
     c = _ctx(gpu_key)
     chunks = math.ceil(s.n / rows)
+    if not dw_sum:
+        dw_sum = "once" if chunks == 1 else "float32" if s.e != 4 else "gemm"
     full, rest = divmod(s.n, rows)
     sizes = [(k, m) for k, m in ((rows, full), (rest, 1)) if k and m]   # (rows, launches)
-    d_bytes = 0 if logits_bytes == s.e else s.e           # D in place in 16-bit logits
-    summed = chunks > 1 and dw_sum_bytes and dw_sum_bytes != s.e
-    out = dw_sum_bytes if summed else s.e
+    stored = _stored_bytes(s, gpu_key)
+    in_place = logit_store(s, gpu_key).value_bytes == s.e     # D written over the logits
+    summed = dw_sum == "float32" and s.e != 4
+    out = 4 if summed else s.e
     pieces = [memory("combine per-row partials", s.n * 64, gpu=c["gpu"], launches=2)]
     for k, m in sizes:
         pieces.append(gemm("forward: logits + online lse (Triton)", k, s.v, s.h, s.e,
-                           logits_bytes, engine="ours", launches=m, **c))
-    pieces.append(memory("loss gradient D from the stored logits",
-                         s.n * s.v * (logits_bytes + (d_bytes or logits_bytes)),
-                         gpu=c["gpu"], launches=chunks))
+                           stored, engine="ours", launches=m, **c))
+    pieces.append(memory("loss gradient D from the stored logits (read, D written)",
+                         s.n * s.v * (stored + s.e), gpu=c["gpu"], launches=chunks))
     for k, m in sizes:
         pieces.append(gemm("dX[chunk] = D @ W (cuBLAS)", k, s.h, s.v, s.e, s.e, launches=m, **c))
     if chunks == 1:
@@ -383,25 +411,34 @@ def token_local_stream(s: Shape, gpu_key: str, rows: int, logits_bytes: int = 4,
                 pieces.append(gemm("dW += D.T @ X (cuBLAS)", s.v, s.h, k, s.e, out,
                                    accumulate=True, launches=m, **c))
         if summed:
-            pieces.append(memory("dW = float32 sum (cast)", s.v * s.h * (dw_sum_bytes + s.e),
+            pieces.append(memory("dW = float32 sum (cast)", s.v * s.h * (4 + s.e),
                                  gpu=c["gpu"]))
-    note = (f"{chunks} chunk(s) of {rows} rows; logits stored in {logits_bytes} bytes; dW "
-            + ("summed in float32" if summed else "summed in the weight dtype" if chunks > 1
-               else "written once"))
-    return Plan("token-local stream", pieces, stream_extra_bytes(s, rows, logits_bytes,
-                                                                 dw_sum_bytes), 3, note)
+    store = f"{stored:.3g} bytes per logit" + (" (D in place)" if in_place else "")
+    note = (f"{chunks} chunk(s) of {rows} rows; logits stored in {store}; dW "
+            + ("summed in float32" if summed else "summed in the weight dtype (one more 16-bit "
+               "rounding per chunk past the first)" if chunks > 1 and s.e != 4
+               else "summed in float32" if chunks > 1 else "written once"))
+    return Plan("token-local stream", pieces, stream_extra_bytes(s, rows, dw_sum, gpu_key), 3,
+                note)
 
 
 def two_phase_keep(s: Shape, gpu_key: str) -> Plan:
-    """Two-phase losses, 3 GEMM-eq: the forward stores every row's float32 logits; after the
-    epilogue the backward forms D from them (one pass) and runs dX, dW in cuBLAS."""
+    """Two-phase losses, 3 GEMM-eq: the forward stores every row's logits (the triton backend's
+    layout); after the epilogue the backward forms D from them (one pass, in place for 16-bit
+    inputs) and runs dX, dW in cuBLAS."""
     c = _ctx(gpu_key)
-    pieces = _forward_kernel(s, c, s.n, 1, 4)
-    pieces += [memory("loss gradient D from the stored logits", s.n * s.v * (4 + s.e),
-                      gpu=c["gpu"]),
-               gemm("dX = D @ W (cuBLAS)", s.n, s.h, s.v, s.e, s.e, **c),
-               gemm("dW = D.T @ X (cuBLAS)", s.v, s.h, s.n, s.e, s.e, **c)]
-    return Plan("two-phase keep", pieces, keep_extra_bytes(s), 3, "float32 logits of all rows")
+    stored = _stored_bytes(s, gpu_key)
+    in_place = logit_store(s, gpu_key).value_bytes == s.e
+    pieces = [gemm("forward: logits + online lse (Triton)", s.n, s.v, s.h, s.e, stored,
+                   engine="ours", **c),
+              memory("combine per-row partials", s.n * 64, gpu=c["gpu"], launches=2),
+              memory("loss gradient D from the stored logits (read, D written)",
+                     s.n * s.v * (stored + s.e), gpu=c["gpu"]),
+              gemm("dX = D @ W (cuBLAS)", s.n, s.h, s.v, s.e, s.e, **c),
+              gemm("dW = D.T @ X (cuBLAS)", s.v, s.h, s.n, s.e, s.e, **c)]
+    return Plan("two-phase keep", pieces, keep_extra_bytes(s, gpu_key), 3,
+                f"logits of all rows stored in {stored:.3g} bytes each"
+                + (" (D in place)" if in_place else ""))
 
 
 def two_phase_recompute(s: Shape, gpu_key: str, cols: int) -> Plan:
@@ -566,26 +603,24 @@ class Goal:
     ratios: Dict[float, float] = field(default_factory=dict)
 
 
+def _stream_goal(s: Shape, gpu_key: str, budget: float) -> Tuple[Optional[Plan], str]:
+    """(the library's token-local stream within ``budget``, timed; why none fits)."""
+    p = stream_plan(s, budget, gpu_key)
+    if p is None:
+        return None, (f"no stream fits {budget / GIB:.2f} GiB: one chunk of all rows needs "
+                      f"{stream_extra_bytes(s, s.n, 'once', gpu_key) / GIB:.2f} GiB")
+    return token_local_stream(s, gpu_key, p.step, p.dw_sum), ""
+
+
 def goals(s: Shape = GOAL_SHAPE, gpu_key: str = "h100") -> List[Goal]:
     base = bare(s, gpu_key).time()
     out = []
-    rows = stream_rows(s, TOKEN_LOCAL_BUDGET)
-    tl = token_local_stream(s, gpu_key, rows) if rows else None
-    reason = "" if rows else (
-        f"no stream fits {TOKEN_LOCAL_BUDGET / GIB:.0f} GiB: past one chunk the float32 dW sum "
-        f"alone is V*H*4 = {s.v * s.h * 4 / GIB:.2f} GiB, one chunk of all rows "
-        f"{stream_extra_bytes(s, s.n) / GIB:.2f} GiB")
-    out.append(Goal("token-local stream <= 1.12x within 2 GiB (as planned: float32 logits, "
-                    "float32 dW sum)", 1.12, tl, TOKEN_LOCAL_BUDGET, reason))
-    rows_4g = stream_rows(s, SUITE_BUDGET)
-    out.append(Goal("token-local stream <= 1.12x as planned, at the library's default budget "
-                    f"({SUITE_BUDGET / GIB:.0f} GiB: the 2 GiB memory goal is not met)", 1.12,
-                    token_local_stream(s, gpu_key, rows_4g) if rows_4g else None, SUITE_BUDGET))
-    rows_b = stream_rows(s, TOKEN_LOCAL_BUDGET, logits_bytes=s.e, dw_sum_bytes=0)
-    out.append(Goal("token-local stream <= 1.12x within 2 GiB (variant: 16-bit logits, dW "
-                    "summed in the weight dtype: one more 16-bit rounding of dW per chunk)",
-                    1.12, token_local_stream(s, gpu_key, rows_b, s.e, 0) if rows_b else None,
-                    TOKEN_LOCAL_BUDGET))
+    tl, reason = _stream_goal(s, gpu_key, TOKEN_LOCAL_BUDGET)
+    out.append(Goal("token-local stream <= 1.12x within 2 GiB (the library's plan)", 1.12, tl,
+                    TOKEN_LOCAL_BUDGET, reason))
+    tl4, reason4 = _stream_goal(s, gpu_key, SUITE_BUDGET)
+    out.append(Goal("token-local stream <= 1.12x, the library's plan at its default budget "
+                    f"({SUITE_BUDGET / GIB:.0f} GiB)", 1.12, tl4, SUITE_BUDGET, reason4))
     out.append(Goal("two-phase keep <= 1.15x (budget holds the logits)", 1.15,
                     two_phase_keep(s, gpu_key), None))
     cols = recompute_cols(s, recompute_budget(s))
@@ -650,11 +685,15 @@ SUITE_BUDGET = 4 * GIB
 
 
 def predicted_plans(s: Shape, gpu_key: str) -> Dict[Tuple[str, str], Plan]:
-    """(suite method, kind) -> the model's plan for it."""
-    rows = stream_rows(s, SUITE_BUDGET)
+    """(suite method, kind) -> the model's plan for it: the library's plans at its default
+    budget (linear_logprobs fwd+bwd keeps the logits when they fit, as the triton backend does
+    in eager mode)."""
     cols = recompute_cols(s, SUITE_BUDGET)
-    two_phase = two_phase_recompute(s, gpu_key, cols)     # keep: no backend runs it yet
-    token_local = token_local_stream(s, gpu_key, rows) if rows else two_phase
+    two_phase = (two_phase_keep(s, gpu_key) if keep_extra_bytes(s, gpu_key) <= SUITE_BUDGET
+                 else two_phase_recompute(s, gpu_key, cols))
+    stream = stream_plan(s, SUITE_BUDGET, gpu_key)
+    token_local = (token_local_stream(s, gpu_key, stream.step, stream.dw_sum) if stream
+                   else two_phase_recompute(s, gpu_key, cols))
     return {("gemm", "fwd"): bare_forward(s, gpu_key), ("gemm", "fwd+bwd"): bare(s, gpu_key),
             ("naive+logp", "fwd+bwd"): naive_eager(s, gpu_key),
             ("compile+logp", "fwd+bwd"): compiled(s, gpu_key),

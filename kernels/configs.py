@@ -9,6 +9,8 @@ comments say what the check found when an entry was changed.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .target import (AMPERE, BLACKWELL, BLACKWELL_CONSUMER, CDNA2, CDNA3, CDNA4, HOPPER,
@@ -83,15 +85,34 @@ DLOGITS = {
 def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
                    store_logits: bool = False) -> dict:
     """Tile sizes and vocabulary split of the forward kernel (never a function of N).
-    ``store_logits`` (the kernel also writes the logits) may change stages, never the tiles:
-    stages only pipeline the loads, so the sums and their bits are the same."""
+    ``store_logits`` (the kernel also writes the logits) may change stages and where the
+    16-bit store sits in the loop body (``store_late``), never the tiles: stages only pipeline
+    the loads and the store writes values already computed, so the sums and their bits are the
+    same."""
     if target == INTERPRETER:
         return dict(_INTERPRETER_TILE, v_per_split=64)
     cfg = _pick(FORWARD, target, _case(dtype, aligned))
     if store_logits and dtype == torch.float32:
         # A second stage spilled on sm_90 with bias + softcap + the logits store.
         cfg["num_stages"] = 1
+    if store_logits and dtype != torch.float32:
+        # Where the 16-bit store sits in the loop body (the same values either way) moves the
+        # register allocation: after the tile's statistics on NVIDIA (right after the tile max,
+        # sm_80 with unaligned rows, bias and softcap spilled 16 B), after the tile max on AMD
+        # (at the end, gfx942 spilled 28 SGPRs).
+        cfg["store_late"] = not target.is_amd
     return cfg
+
+
+def shift_columns(dtype, target) -> int:
+    """Columns per stored tile maximum of the forward's 16-bit logits store (``Z_SHIFT``): the
+    gcd of the BLOCK_V of both 16-bit cases, so a chunk whose rows happen to be unaligned (other
+    tiles) writes the same layout and the reader needs no per-launch tile width."""
+    if target == INTERPRETER:
+        return _INTERPRETER_TILE["BLOCK_V"]
+    if dtype == torch.float32:
+        return _pick(FORWARD, target, "fp32")["BLOCK_V"]
+    return math.gcd(*(_pick(FORWARD, target, c)["BLOCK_V"] for c in ("16bit", "unaligned")))
 
 
 def dlogits_config(dtype, target, aligned: bool = True) -> dict:

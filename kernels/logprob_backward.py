@@ -7,8 +7,11 @@ For one chunk of rows (already compacted to rows whose upstream gradient is non-
 
 into a [chunk, V] buffer in the input dtype, which cuBLAS then turns into dX and dW. The buffer
 is bounded by the chunk size, never [N, V]. ``dlogits_from_logits`` computes the same D from
-logits the forward kernel stored (float32) instead of recomputing them: no GEMM, one read of z.
+logits the forward kernel stored instead of recomputing them: no GEMM, one read of z (float32,
+or float16 z - m_t plus the float32 tile maxima m_t, see ``logprob_forward``), and for 16-bit
+logits D written over them in place.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -69,11 +72,14 @@ def _dz(z, rows64, row_mask, cols, col_mask, Y, G, E, LSE, ENT, inv_temperature,
 
 @triton.jit
 def _dlogits_from_logits_kernel(
-    Z, Y, G, LSE, D, C, V, stride_zn, stride_dn, inv_temperature, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    Z, Z_SHIFT, Y, G, LSE, D, C, V, stride_zn, stride_sn, stride_dn, inv_temperature, softcap,
+    HAS_SOFTCAP: tl.constexpr, SHIFTED_LOGITS: tl.constexpr, SHIFT_COLS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """D from stored float32 logits. A row with g = 0 gets exactly 0 (its logits may be
-    non-finite: an ignored row's hidden state is never read by the loss)."""
+    """D from stored logits (float32, or float16 z - m_t with m_t in ``Z_SHIFT``; ``D`` may be
+    the same memory: each element is read before it is written, by the same program). A row
+    with g = 0 gets exactly 0 (its logits may be non-finite: an ignored row's hidden state is
+    never read by the loss)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < C
     rows64 = rows.to(tl.int64)
@@ -81,7 +87,18 @@ def _dlogits_from_logits_kernel(
     col_mask = cols < V
     cols64 = cols.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
-    z = tl.load(Z + rows64[:, None] * stride_zn + cols64[None, :], mask=mask, other=-1.0e30)
+    z_ptrs = Z + rows64[:, None] * stride_zn + cols64[None, :]
+    if SHIFTED_LOGITS:      # (columns outside V are masked wherever z is used)
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        z += tl.load(Z_SHIFT + rows64[:, None] * stride_sn + (cols64 // SHIFT_COLS)[None, :],
+                     mask=mask, other=0.0)
+        if HAS_SOFTCAP:
+            # |z| <= c / T exactly; the stored rounding (or a -inf below float16's range) must
+            # not push the slope 1 - tanh^2 below 0 (nor make it -inf times p = 0).
+            cap = softcap * inv_temperature
+            z = tl.minimum(tl.maximum(z, -cap), cap)
+    else:
+        z = tl.load(z_ptrs, mask=mask, other=-1.0e30)
     dz = _dz(z, rows64, row_mask, cols, col_mask, Y, G, G, LSE, LSE, inv_temperature, softcap,
              HAS_SOFTCAP, False)
     g = tl.load(G + rows64, mask=row_mask, other=0.0)
@@ -107,15 +124,24 @@ def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision
         DOT_PRECISION=dot_precision, **cfg)
 
 
-def dlogits_from_logits(z, y, g, lse, temperature, softcap, out):
-    """Fills ``out`` [C, V] (any float dtype, unit column stride; may be ``z`` itself) with D
-    for the rows whose float32 logits are ``z`` [C, V]; rows with g = 0 get 0."""
+def dlogits_from_logits(z, y, g, lse, temperature, softcap, out, shift=None, shift_cols=1):
+    """Fills ``out`` [C, V] (any float dtype, unit column stride; may be the memory of ``z``)
+    with D for the rows whose stored logits are ``z`` [C, V]: float32, or float16 z - m_t with
+    ``shift`` [C, cdiv(V, shift_cols)] the float32 m_t of each ``shift_cols`` columns (as the
+    forward's 16-bit store writes them). Rows with g = 0 get 0."""
     C, V = z.shape
     if z.stride(1) != 1 or out.stride(1) != 1 or out.shape != z.shape:
         raise ValueError("z, out: expected [C, V] tensors of one shape with unit column stride")
+    shifted = shift is not None
+    if shifted and (z.dtype != torch.float16 or shift.dtype != torch.float32
+                    or shift.shape != (C, triton.cdiv(V, shift_cols)) or shift.stride(1) != 1):
+        raise ValueError("shift: expected float16 z and a float32 [C, cdiv(V, shift_cols)] "
+                         "tensor with unit column stride")
     cfg = from_logits_config(launch_target(z))
     grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _dlogits_from_logits_kernel[grid](
-        z, y, g, lse, out, C, V, z.stride(0), out.stride(0), 1.0 / temperature,
-        float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None, **cfg)
+        z, shift if shifted else lse, y, g, lse, out, C, V, z.stride(0),
+        shift.stride(0) if shifted else 0, out.stride(0), 1.0 / temperature,
+        float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None,
+        SHIFTED_LOGITS=shifted, SHIFT_COLS=shift_cols if shifted else 1, **cfg)
     return out

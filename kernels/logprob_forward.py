@@ -11,15 +11,20 @@ statistics with an online log-sum-exp:
 The slices' partial statistics are merged by ``_combine_kernel``. The number of slices and all
 tile sizes depend on V and H only, never on N: a row's result is bit-identical whatever the batch.
 
-``STORE_LOGITS`` also writes each tile's transformed logits z (float32) into a [rows, V] buffer:
-the stored-logits plans (``gift_fast/backends/plan.py``) form the loss gradient from them instead
-of recomputing them. The statistics are the same bits either way.
+``STORE_LOGITS`` also writes each tile's transformed logits z into a [rows, V] buffer: the
+stored-logits plans (``gift_fast/backends/plan.py``) form the loss gradient from them instead of
+recomputing them. The statistics are the same bits either way. float32 inputs store z in float32;
+16-bit inputs (``SHIFTED_LOGITS``) store float16(z - m_t), m_t the row's max over the BLOCK_V
+tile (so z - m_t <= 0: 11 significant bits down to -65504, -inf below, where exp is 0 anyway),
+and m_t in float32 into ``Z_SHIFT`` [rows, cdiv(V, SHIFT_COLS)], once per SHIFT_COLS columns
+(``configs.shift_columns``: a divisor of every BLOCK_V the target uses, so the reader's layout
+does not depend on the launch's alignment).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .configs import combine_config, dot_precision, forward_config
+from .configs import combine_config, dot_precision, forward_config, shift_columns
 from .target import aligned16, launch_target
 
 # Sentinel below any real logit; finite so that (m_old - m_new) * s stays 0, never NaN.
@@ -58,14 +63,28 @@ def _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_x
 
 
 @triton.jit
+def _store_shifted(Z, Z_SHIFT, z, tile_max, rows, rows64, row_mask, cols, col_mask, v0, v_end,
+                   stride_zn, stride_sn, BLOCK_V: tl.constexpr, SHIFT_COLS: tl.constexpr):
+    """The 16-bit logits store: float16(z - m_t) and m_t once per SHIFT_COLS columns."""
+    tl.store(Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :],
+             (z - tile_max[:, None]).to(tl.float16), mask=row_mask[:, None] & col_mask[None, :])
+    shift_ptrs = Z_SHIFT + rows64 * stride_sn + v0 // SHIFT_COLS
+    tl.store(shift_ptrs, tile_max, mask=row_mask)                # slot 0: v0 < v_end
+    for k in tl.static_range(1, BLOCK_V // SHIFT_COLS):          # the tile's other slots
+        tl.store(shift_ptrs + k, tile_max,
+                 mask=row_mask & (rows * 0 + v0 + k * SHIFT_COLS < v_end))
+
+
+@triton.jit
 def _logprob_forward_kernel(
     X, W, B, Y,
-    M_part, S_part, T_part, ZY_part, BEST_part, ARG_part, Z,
+    M_part, S_part, T_part, ZY_part, BEST_part, ARG_part, Z, Z_SHIFT,
     N, V, H, v_per_split,
-    stride_xn, stride_xh, stride_wv, stride_wh, stride_zn,
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_zn, stride_sn,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-    STORE_LOGITS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, SHIFTED_LOGITS: tl.constexpr, SHIFT_COLS: tl.constexpr,
+    STORE_LATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -93,12 +112,15 @@ def _logprob_forward_kernel(
                           stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
                           DOT_PRECISION)
         z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
-        if STORE_LOGITS:
+        if STORE_LOGITS and not SHIFTED_LOGITS:
             tl.store(Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :], z,
                      mask=row_mask[:, None] & col_mask[None, :])
 
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         tile_max = tl.max(z, axis=1)
+        if SHIFTED_LOGITS and not STORE_LATE:
+            _store_shifted(Z, Z_SHIFT, z, tile_max, rows, rows64, row_mask, cols, col_mask, v0,
+                           v_end, stride_zn, stride_sn, BLOCK_V, SHIFT_COLS)
         tile_arg = tl.argmax(z, axis=1).to(tl.int32) + v0
         better = tile_max > best          # strict: the first maximum wins, as torch.argmax
         arg = tl.where(better, tile_arg, arg)
@@ -112,6 +134,9 @@ def _logprob_forward_kernel(
             t = alpha * (t + (m - m_new) * s) + tl.sum(p * d, axis=1)
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
+        if SHIFTED_LOGITS and STORE_LATE:
+            _store_shifted(Z, Z_SHIFT, z, tile_max, rows, rows64, row_mask, cols, col_mask, v0,
+                           v_end, stride_zn, stride_sn, BLOCK_V, SHIFT_COLS)
 
     out = pid_s.to(tl.int64) * N + rows64
     tl.store(M_part + out, m, mask=row_mask)
@@ -166,12 +191,14 @@ def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
 
 
 def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None,
-                          row_max=None, logits_out=None):
+                          row_max=None, logits_out=None, logits_shift=None):
     """Launches the forward kernel. x [N, H], w [V, H], targets [N] (ignored rows: any value
     outside [0, V)). Returns float32 (lse, target_logit, entropy or None, argmax int64).
     ``row_max``: optional float32 [N] output, filled with each row's max logit (the value at
     argmax; used to break argmax ties across vocabulary shards). ``logits_out``: optional
-    float32 [N, V] (unit column stride) that receives the transformed logits z."""
+    [N, V] (unit column stride) that receives the transformed logits z: float32, or float16
+    z - m_t with ``logits_shift`` the float32 [N, cdiv(V, shift_columns)] tile maxima m_t
+    (unit column stride; see the module docstring)."""
     N, H = x.shape
     V = w.shape[0]
     target = launch_target(x)
@@ -179,6 +206,7 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     cfg = dict(forward_config(V, H, x.dtype, target, aligned, logits_out is not None),
                **(config or {}))
     v_per_split = triton.cdiv(cfg.pop("v_per_split"), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    store_late = cfg.pop("store_late", False)
     n_split = triton.cdiv(V, v_per_split)
     parts = torch.empty((5, n_split, N), dtype=torch.float32, device=x.device)
     arg = torch.empty((n_split, N), dtype=torch.int32, device=x.device)
@@ -189,21 +217,36 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
     argmax = torch.empty(N, dtype=torch.int64, device=x.device)
     if N == 0:
         return lse, target_logit, entropy, argmax
-    if logits_out is not None and (logits_out.dtype != torch.float32
+    shifted = logits_shift is not None
+    want = torch.float16 if shifted else torch.float32
+    if logits_out is not None and (logits_out.dtype != want
                                    or logits_out.shape != (N, V) or logits_out.stride(1) != 1):
-        raise ValueError(f"logits_out: expected a float32 [{N}, {V}] tensor with unit column "
+        raise ValueError(f"logits_out: expected a {want} [{N}, {V}] tensor with unit column "
                          f"stride, got {logits_out.dtype} {tuple(logits_out.shape)} "
                          f"strides {logits_out.stride()}")
+    shift_cols = shift_columns(x.dtype, target)
+    if shifted:
+        tiles = triton.cdiv(V, shift_cols)
+        if (logits_out is None or logits_shift.dtype != torch.float32
+                or logits_shift.shape != (N, tiles) or logits_shift.stride(1) != 1
+                or cfg["BLOCK_V"] % shift_cols):
+            raise ValueError(f"logits_shift: expected a float32 [{N}, {tiles}] tensor with unit "
+                             f"column stride next to float16 logits_out, got "
+                             f"{logits_shift.dtype} {tuple(logits_shift.shape)}")
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), n_split)
     _logprob_forward_kernel[grid](
         x, w, b if b is not None else x, targets,
         m, s, t, zy, best, arg, logits_out if logits_out is not None else lse,
+        logits_shift if shifted else lse,
         N, V, H, v_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         logits_out.stride(0) if logits_out is not None else 0,
+        logits_shift.stride(0) if shifted else 0,
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
-        STORE_LOGITS=logits_out is not None, DOT_PRECISION=dot_precision(x.dtype), **cfg)
+        STORE_LOGITS=logits_out is not None, SHIFTED_LOGITS=shifted,
+        SHIFT_COLS=shift_cols if shifted else 1, STORE_LATE=shifted and store_late,
+        DOT_PRECISION=dot_precision(x.dtype), **cfg)
     ccfg = combine_config(target)
     _combine_kernel[(triton.cdiv(N, ccfg["BLOCK"]),)](
         m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,

@@ -141,7 +141,8 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
                                    temperature=1.0, softcap=None, ignore_index=-100,
                                    u=U32, dlogits_u=None, out_dtype=None, out_roundings=1,
                                    p_floor=0.0, given_lse=None, given_entropy=None,
-                                   dg=None, shard_sizes=None) -> RoundingBounds:
+                                   dg=None, shard_sizes=None, stored_logits=None,
+                                   dw_roundings=0) -> RoundingBounds:
     """Bounds on the rounding error of log-probs, entropy and the gradients of
     ``sum g * logp + e * entropy`` computed with unit roundoff ``u`` (accumulation dtype) from
     ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V], ``targets`` [N] (``g`` / ``e`` [N]: the
@@ -157,7 +158,11 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
     dg |[v = t] - p_v| / T); ``shard_sizes``: the vocabulary is split into contiguous shards
     of these sizes whose statistics are combined (vocabulary parallelism: per shard lse_r and
     H_r, then lse = log sum_r e^lse_r and H from sum_r P_r (H_r - a_r), a_r = lse_r - max lse_r)
-    and whose dX partials are rounded to ``out_dtype`` before being summed.
+    and whose dX partials are rounded to ``out_dtype`` before being summed; ``stored_logits``:
+    the backward reads logits stored in this dtype as z - m (m: the max of the row over a tile
+    of columns, kept in float32) instead of recomputing them; ``dw_roundings``: dW is summed
+    across row chunks in ``out_dtype``, rounded that many more times (one per chunk past the
+    first).
 
     Derivation (per row n, column v; first order in u):
 
@@ -188,9 +193,21 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
        dG_v <= (p_v (e^(dz'_v + dlse + 8u) - 1) (|g| + |e| |z_v - mu|)
                + p_v |e| (dz'_v + dmu)) f_v / T
                + |G_v / f_v| |d f_v| + (u + dlogits_u) |G_v|.
+       Stored logits (``stored_logits``, unit roundoff u_s): the backward's logit is
+       fl_s(fl(z - m)) + m, rounded again in float32, with m = the tile's max, so
+       0 <= m - z <= max z - z. fl(z - m) errs by u |z - max z|, its rounding to the stored
+       dtype by u_s |z - max z| (or, below the normal range, half the subnormal spacing
+       s_min u_s), the sum by u |z|: dz'_v += (u_s + u) |z_v - max z| + u |z_v| + s_min u_s
+       in G only (the log-probs come from the forward's online sums, never from the store).
+       A stored value below the dtype's range (-inf) gives p = 0 where p < e^-65504 anyway; a
+       softcap backend clamps the stored logit to |z| <= c / T, which only moves it closer.
     5. dX = G @ W, dW = G.T @ x, db = sum_n G: the propagated part plus the GEMM's own rounding,
        |d dX| <= |dG| @ |W| + gamma(V) |G| @ |W| (likewise gamma(N) for dW and db), plus
        out_u (|exact| + that) + half the subnormal spacing per rounding to a narrower dtype.
+       dW summed across chunks in ``out_dtype`` (``dw_roundings`` = k): each partial sum
+       (rows of the first j chunks) is rounded once more when the next chunk adds to it; it is
+       at most |G|.T @ |x| over all rows plus the propagated bound, so k roundings add
+       k (out_u1 (|G|.T @ |x| + d dW) + half the subnormal spacing), out_u1 one rounding's u.
     """
     dlogits_u = 0.0 if dlogits_u is None else dlogits_u
     out_u = out_abs = 0.0
@@ -282,6 +299,11 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         p = torch.exp(z - lse[:, None])
         dz = dz_logit + 2 * u * ((z - lse[:, None]).abs() + (z - mu[:, None]).abs())
         d_lse = d_mu = zero
+    if stored_logits is not None:      # the backward's logits read back from the store
+        fs = torch.finfo(stored_logits)
+        u_s = fs.eps / 2
+        below_max = (z - z.max(1, keepdim=True).values).abs()
+        dz = dz + (u_s + u) * below_max + u * z.abs() + fs.smallest_normal * u_s
     gg = torch.where(active, gg, zero)
     ee = torch.where(active, ee, zero)
     onehot = torch.zeros(N, V, dtype=torch.float64)
@@ -313,6 +335,9 @@ def linear_softmax_rounding_bounds(hidden, weight, bias=None, targets=None, g=No
         d_hidden = d_hidden + out_u / out_roundings * (Ga @ w.abs()) + len(shard_sizes) * out_abs
     d_weight = dG.T @ x.abs() + gamma(N, u) * Ga.T @ x.abs()
     d_weight = d_weight + out_u * ((G.T @ x).abs() + d_weight) + out_abs
+    if dw_roundings:                   # partial dW sums rounded to out_dtype, |partial| summed
+        d_weight = d_weight + dw_roundings * (out_u / out_roundings * (Ga.T @ x.abs() + d_weight)
+                                               + out_abs / out_roundings)
     d_bias = None
     if b is not None:
         d_bias = dG.sum(0) + gamma(N, u) * Ga.sum(0)
@@ -341,7 +366,8 @@ def backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets, g=Non
     dtype before its GEMMs; gradients are rounded to the leaves' dtype at the end, and with
     ``oracle_rounds_outputs`` so are the oracle's (two roundings). The torch backend clamps exp's
     argument at -80 and the kernels' exp underflows below e^-87: a probability may be off by
-    e^-80. The float64 oracle's own rounding is 2^-29 of these bounds (first-order slack)."""
+    e^-80. The float64 oracle's own rounding is 2^-29 of these bounds (first-order slack).
+    Triton with 16-bit inputs: the stored logits' rounding (``stored_logits``) by default."""
     half = dtype in (torch.float16, torch.bfloat16)
     u = U32 * (2 if half and hidden.is_cuda else 1)
     p_floor = math.exp(-80.0)
@@ -353,6 +379,11 @@ def backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets, g=Non
     # count twice; a rounding done by torch (to nearest) is covered by the same bound.
     kernel_roundings = 2 if (dtype == torch.bfloat16 and backend == "triton"
                              and not hidden.is_cuda) else 1
+    # The triton backend's stored-logits plans (stream, keep) read 16-bit inputs' logits back
+    # from float16 (z - tile max): a non-negative term, so the bound covers its recompute plan
+    # too, whichever plan the memory budget picks.
+    if half and backend == "triton":
+        kw.setdefault("stored_logits", torch.float16)
     return linear_softmax_rounding_bounds(
         hidden, weight, bias, targets, g, e, temperature, softcap, u=u,
         dlogits_u=kernel_roundings * unit_roundoff(dtype) if half and backend == "triton" else 0.0,
@@ -609,14 +640,15 @@ class LossBounds(NamedTuple):
 
 
 def loss_rounding_bounds(loss_of_logp, backend, dtype, hidden, weight, bias, targets,
-                         temperature=1.0, softcap=None) -> LossBounds:
+                         temperature=1.0, softcap=None, **grad_kw) -> LossBounds:
     """Rounding bounds for ``loss, metrics = loss_of_logp(linear_logprobs(hidden, weight, ...))``
     computed in float32 on ``backend``: the log-probs' bounds (backend_rounding_bounds) are the
     input errors of the loss epilogue, which ErrorBounds follows through the loss, its metrics
     and its gradient g w.r.t. the log-probs; g's error then enters the backward of the op (the
     ``dg`` of linear_softmax_rounding_bounds). ``loss_of_logp`` gets exact float64 log-probs and
     must build its other float inputs in float64 (exact copies of the float32 ones). A fused
-    implementation of the same formulas (any summation order) is covered alike."""
+    implementation of the same formulas (any summation order) is covered alike. ``grad_kw``
+    (``stored_logits``, ``dw_roundings``): how the backward differs, for the gradients' bound."""
     from gift_fast import linear_logprobs
     h, w = hidden.detach().double(), weight.detach().double()
     b = bias.detach().double() if bias is not None else None
@@ -635,7 +667,7 @@ def loss_rounding_bounds(loss_of_logp, backend, dtype, hidden, weight, bias, tar
     grads = backend_rounding_bounds(backend, dtype, hidden, weight, bias, targets,
                                     g.detach().reshape(-1), temperature=temperature,
                                     softcap=softcap, dg=eb.get(g).reshape(-1),
-                                    oracle_rounds_outputs=False)
+                                    oracle_rounds_outputs=False, **grad_kw)
     return LossBounds(d_loss, d_metrics, grads)
 
 

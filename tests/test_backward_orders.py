@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gift_fast.backends.triton_op as to
+import gift_fast.logprobs as op
 from gift_fast import linear_logprobs
 from gift_fast.backends import plan as planner
 from gift_fast.backends.blas import mm_into
@@ -250,6 +251,8 @@ def test_float16_scratch_of_each_order(order, monkeypatch):
     monkeypatch.setattr(to, "BACKWARD_ORDER", order)
     monkeypatch.setattr(planner, "_process_budget",
                         _budget_for(order, 4 if order == "rows" else 8, N, N, V, H, 2, False))
+    # The recompute plan's orders: this budget would also hold the keep plan's 2-byte logits.
+    monkeypatch.setattr(op, "KEEP_ENABLED", False)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp = linear_logprobs(h, w, targets, backend="triton")
     with _Float32Spy() as spy:

@@ -163,6 +163,7 @@ def test_bad_arguments(kw, match):
 # The calibrated model (bench/calibrated_model.py): anchored to a published bare cuBLAS GEMM,
 # our Triton efficiency r explicit, validated against the published numbers it can express.
 
+import math
 import os
 import subprocess
 import sys
@@ -246,12 +247,51 @@ def test_budget_arithmetic_picks_the_widest_fitting_step():
     assert cols % cal.ALIGN == 0
     assert cal.recompute_extra_bytes(s, cols) <= budget < cal.recompute_extra_bytes(
         s, cols + cal.ALIGN)
-    # the float32 dW sum alone exceeds 2 GiB at V=151936, H=4096: no stream of several chunks
-    assert cal.stream_rows(s, 2 * cal.GIB) == 0
-    rows = cal.stream_rows(s, 4 * cal.GIB)
-    assert 0 < rows < s.n and cal.stream_extra_bytes(s, rows) <= 4 * cal.GIB
-    assert cal.stream_extra_bytes(s, rows + cal.ALIGN) > 4 * cal.GIB
-    assert cal.stream_rows(s, cal.stream_extra_bytes(s, s.n)) == s.n      # one chunk fits
+    # bf16 stored in 2 bytes (+ shifts): 2 chunks within 2 GiB, dW summed in bf16 (the float32
+    # sum alone is V*H*4 = 2.32 GiB); one chunk within the 4 GiB default.
+    p2 = cal.stream_plan(s, 2 * cal.GIB)
+    assert (math.ceil(s.n / p2.step), p2.dw_sum) == (2, "gemm")
+    assert cal.stream_extra_bytes(s, p2.step, "gemm") <= 2 * cal.GIB
+    assert cal.stream_extra_bytes(s, p2.step + cal.ALIGN, "gemm") > 2 * cal.GIB
+    assert cal.stream_rows(s, 4 * cal.GIB) == s.n
+    assert cal.stream_rows(s, cal.stream_extra_bytes(s, s.n, "once")) == s.n
+    assert cal.keep_extra_bytes(s) <= 4 * cal.GIB < s.n * s.v * 6    # was 6 bytes per logit
+
+
+# (shape, budget): the goal shape at 2 and 4 GiB, a budget between the float32 sum's 2 chunks
+# and one chunk, float32 inputs, ragged sizes, too small for any stream.
+AGREEMENT = [(cal.GOAL_SHAPE, 2 * cal.GIB), (cal.GOAL_SHAPE, 4 * cal.GIB),
+             (cal.Shape(32768, 4096, 151936), 15 * cal.GIB // 2),
+             (cal.Shape(32768, 4096, 151936), 5 * cal.GIB),
+             (cal.Shape(8192, 4096, 151936, 4), 4 * cal.GIB),
+             (cal.Shape(3001, 1000, 50021), 256 * cal.MIB),
+             (cal.Shape(16384, 8192, 262144), 2 * cal.GIB)]
+
+
+@pytest.mark.parametrize("s, budget", AGREEMENT)
+def test_model_plans_are_the_librarys(s, budget):
+    """The model's chunk rows, dW sum and extra bytes are those gift_fast's planner chooses for
+    the triton backend on the GPU's target (plan.py with triton_op.stream_store)."""
+    import torch
+    from gift_fast.backends import plan as planner
+    from gift_fast.backends import triton_op
+    from gift_fast.kernels.target import target_of
+    dtype = {2: torch.bfloat16, 4: torch.float32}[s.e]
+    store = triton_op.stream_store(s.v, s.h, dtype, target=target_of(90))
+    lib = planner.plan_token_local(s.n, s.v, s.h, s.e, budget=budget, store=store)
+    model = cal.stream_plan(s, budget, "h100")
+    if lib.kind != "stream":
+        assert model is None and cal.stream_rows(s, budget) == 0
+    else:
+        assert (model.step, model.dw_sum, model.extra_bytes) == (lib.step, lib.dw_sum,
+                                                                 lib.extra_bytes)
+        timed = cal.token_local_stream(s, "h100", model.step, model.dw_sum)
+        assert timed.extra_bytes == lib.extra_bytes
+    keep = planner.keep_bytes(s.n, s.v, s.h, s.e, store=store)
+    assert cal.keep_extra_bytes(s) == keep == cal.two_phase_keep(s, "h100").extra_bytes
+    rec = planner.plan_recompute(s.n, s.n, s.v, s.h, s.e, budget=budget, order="vocab")
+    assert cal.recompute_cols(s, budget) == rec.step
+    assert cal.two_phase_recompute(s, "h100", rec.step).extra_bytes == rec.extra_bytes
 
 
 def test_goal_table_has_every_r_and_judges_each(capsys):

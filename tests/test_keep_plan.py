@@ -1,6 +1,6 @@
 """The keep plan of bare ``linear_logprobs`` on the triton backend (gift_fast/backends/keep.py):
-the forward stores the float32 logits of all rows, the backward forms D from them and runs the
-dX / dW GEMMs (3 GEMM-eq).
+the forward stores the logits of all rows (float32; 16-bit inputs: float16 z - tile max and the
+float32 tile maxima), the backward forms D from them and runs the dX / dW GEMMs (3 GEMM-eq).
 
 Against float64 and the recompute plan: odd shapes, N = 1, V below one tile, ignored rows, rows
 with zero upstream gradient, bias / softcap / temperature, float32 / float16 / bfloat16,
@@ -8,9 +8,10 @@ gradients w.r.t. hidden, weight and bias. Bounds: backend_rounding_bounds (tests
 the triton backend with the same upstream gradient: the keep plan forms the same float32 logits
 (the forward's tiles, checked bit for bit below), D from them with the dlogits rounding of the
 recompute plan (D stored in the input dtype), and the same GEMM sums (any order), so the bound
-of the recompute plan covers it. The memory test: the stored logits are the only [N, V] tensor
-and fit the budget; below the keep plan's bytes, no-grad passes and entropy outputs recompute
-(no [N, V] tensor).
+of the recompute plan covers it; for 16-bit inputs plus the rounding of the stored float16
+logits (``stored_logits`` of the bound). The memory test: the stored logits are the only [N, V]
+tensor and fit the budget; below the keep plan's bytes, no-grad passes and entropy outputs
+recompute (no [N, V] tensor).
 """
 import pytest
 import torch
@@ -59,7 +60,9 @@ def _run(hidden, weight, b, targets, g_logp, need, kw, keep_on, monkeypatch):
 
 
 CASES = ([(s, torch.float32) for s in SHAPES]
-         + [("odd", torch.float16), ("odd", torch.bfloat16), ("n1", torch.float16)])
+         + [("odd", torch.float16), ("odd", torch.bfloat16), ("n1", torch.float16),
+            ("n1", torch.bfloat16), ("v_below_tile", torch.bfloat16),
+            ("v_below_tile", torch.float16)])
 
 
 @pytest.mark.parametrize("shape, dtype", CASES)
@@ -75,7 +78,12 @@ def test_keep_matches_float64_and_the_recompute_plan(shape, dtype, monkeypatch):
                            reference_dtype=torch.float64, **kw)
     grads64 = torch.autograd.grad((lp64 * g_logp.double()).sum(),
                                   [t for t in exact if t is not None])
-    bound = backend_rounding_bounds("triton", dtype, hidden, weight, b, targets, g_logp, **kw)
+    # 16-bit inputs: the backward reads float16 logits (z - tile max), the recompute plan
+    # recomputes them; the stored term (helpers.py, step 4) bounds the keep plan and, being
+    # non-negative, still bounds the recompute plan.
+    stored = torch.float16 if dtype != torch.float32 else None
+    bound = backend_rounding_bounds("triton", dtype, hidden, weight, b, targets, g_logp,
+                                    stored_logits=stored, **kw)
     assert_within("logp", logp, lp64.detach(), bound.logp)
     for name, got, re, want, leaf in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_re,
                                          grads64, (hidden, weight, b)):
@@ -147,7 +155,8 @@ def test_stored_logits_fit_the_budget_and_recompute_otherwise():
 
 @pytest.mark.parametrize("dtype, drop, reduction", [(torch.float32, False, "mean"),
                                                     (torch.float32, True, "sum"),
-                                                    (torch.float16, False, "mean")])
+                                                    (torch.float16, False, "mean"),
+                                                    (torch.bfloat16, True, "mean")])
 def test_fused_gift_keep_matches_float64_and_the_recompute_plan(dtype, drop, reduction,
                                                                 monkeypatch):
     """The fused GIFT op on the keep plan: the loss and metrics of the recompute plan bit for
@@ -192,8 +201,11 @@ def test_fused_gift_keep_matches_float64_and_the_recompute_plan(dtype, drop, red
     lp64 = linear_logprobs(exact[0], exact[1], targets, exact[2], backend="reference",
                            reference_dtype=torch.float64, temperature=0.9, softcap=6.0)
     grads64 = torch.autograd.grad((lp64 * g.double()).sum(), exact)
+    # 16-bit: the keep backward reads float16 logits (z - tile max); see the test above.
     bound = backend_rounding_bounds("triton", dtype, hidden, weight, b, targets, g,
-                                    temperature=0.9, softcap=6.0)
+                                    temperature=0.9, softcap=6.0,
+                                    stored_logits=None if dtype == torch.float32
+                                    else torch.float16)
     for name, got, re, want in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_re, grads64):
         assert_within(name, got, want, getattr(bound, name))
         assert_within(f"{name} recompute", re, want, getattr(bound, name))

@@ -16,6 +16,7 @@ import gift_fast.functional as Fn
 from gift_fast import fdiv_sft_loss, grpo_loss, linear_logprobs
 from gift_fast.backends import plan as planner
 from gift_fast.backends.protocol import get_backend
+from gift_fast.backends.token_local import logit_store
 from gift_fast.backends.triton_token_local import one_pass_token_local
 from helpers import U32, LargestAllocation, assert_within, gamma, loss_rounding_bounds
 
@@ -24,6 +25,7 @@ SHAPES = {
     "odd": (3, 7, 19, 53, True, 0.8, 5.0, 2),
     "n1_small_vocab": (1, 1, 16, 20, False, 1.0, None, 0),
     "wide_vocab": (1, 5, 8, 400, True, 1.0, None, 1),
+    "tall": (2, 40, 8, 72, True, 1.0, 3.0, 3),
 }
 BACKENDS = ["torch", "triton"]
 
@@ -45,27 +47,55 @@ def _grpo(lp, mask, old, adv):
     return Fn.grpo_loss(lp, old.to(lp.dtype), adv.to(lp.dtype), mask=mask, beta=0.0)
 
 
-def _stream_cost(backend, dtype, N, V, H, rows, need_db):
-    """The stream plan's budget for chunks of ``rows`` rows, as the op computes it."""
+def _stream_cost(backend, dtype, N, V, H, rows, need_db, dw_sum=""):
+    """The stream plan's budget for chunks of ``rows`` rows (dW summed as ``dw_sum`` says;
+    default: float32 past one chunk of 16-bit GEMMs), as the op computes it."""
     module = get_backend(backend)
     elt = torch.empty((), dtype=module.stream_dtypes(dtype)[1]).element_size()
     return (module.stream_fixed_bytes(N, V, H, dtype, True)
-            + planner.stored_logits_bytes(rows, V, H, elt, -(-N // rows), True, need_db, N))
+            + planner.stored_logits_bytes(rows, V, H, elt, -(-N // rows), True, need_db, N,
+                                          logit_store(module, V, H, dtype, 'cpu'), dw_sum))
+
+
+def _sixteen_bit_gemms(backend, dtype):
+    return get_backend(backend).stream_dtypes(dtype)[1] != torch.float32
 
 
 def _budget(kind, backend, dtype, N, V, H, need_db):
+    """(budget, the plan's expected (kind, step, dw_sum) or None for the recompute plan)."""
     if kind == "one":
-        return _stream_cost(backend, dtype, N, V, H, N, need_db)
+        return _stream_cost(backend, dtype, N, V, H, N, need_db, "once"), ("stream", N, "once")
+    if kind == "chunks" and not _sixteen_bit_gemms(backend, dtype):
+        # float32 GEMMs sum dW in the float32 gradient: any number of chunks.
+        return (_stream_cost(backend, dtype, N, V, H, 2, need_db),
+                ("stream", min(2, N), "gemm" if N > 2 else "once"))
     if kind == "chunks":
-        return _stream_cost(backend, dtype, N, V, H, 2, need_db)
+        # 16-bit GEMMs: a float32 dW sum holds for at most 2 chunks.
+        rows = -(-N // planner.FLOAT32_SUM_MAX_CHUNKS)
+        return (_stream_cost(backend, dtype, N, V, H, rows, need_db, "float32"),
+                ("stream", rows, "float32"))
+    if kind == "chunks_in_dtype":
+        # Below the float32 sum's 2 chunks: dW summed in the weight dtype, at most 4 chunks.
+        rows = -(-N // planner.GEMM_DTYPE_SUM_MAX_CHUNKS)
+        return (_stream_cost(backend, dtype, N, V, H, rows, need_db, "gemm"),
+                ("stream", rows, "gemm"))
     # Below the stream's minimum (one row of logits), above the recompute's.
-    return _stream_cost(backend, dtype, N, V, H, 1, need_db) - 1
+    return _stream_cost(backend, dtype, N, V, H, 1, need_db) - 1, None
 
 
 CASES = ([(s, be, torch.float32, k) for s in SHAPES for be in BACKENDS
           for k in ("one", "chunks")]
          + [("wide_vocab", be, torch.float32, "recompute") for be in BACKENDS]
-         + [("odd", be, torch.float16, k) for be in BACKENDS for k in ("one", "chunks")])
+         + [("odd", "torch", torch.float16, k) for k in ("one", "chunks")]
+         # triton's 16-bit stored logits (float16 z - tile max), one chunk and both dW sums of
+         # 16-bit rows: a float32 sum (2 chunks; "tall": the sum is smaller than half the rows'
+         # logits) and a sum in the weight dtype (4 chunks)
+         + [(s, "triton", d, k) for d in (torch.float16, torch.bfloat16)
+            for s, kinds in (("odd", ("one", "chunks_in_dtype")),
+                             ("wide_vocab", ("one", "chunks_in_dtype")),
+                             ("tall", ("one", "chunks", "chunks_in_dtype")))
+            for k in kinds]
+         + [("n1_small_vocab", "triton", torch.bfloat16, "one")])
 
 
 @pytest.mark.parametrize("shape, backend, dtype, kind", CASES)
@@ -74,15 +104,15 @@ def test_token_local_plans_match_float64(shape, backend, dtype, kind):
     B, T, H = hidden.shape
     V, N = weight.shape[0], B * T
     elt = get_backend(backend).stream_dtypes(dtype)[1]
-    budget = _budget(kind, backend, dtype, N, V, H, b is not None)
+    budget, want = _budget(kind, backend, dtype, N, V, H, b is not None)
     module = get_backend(backend)
     plan = planner.plan_token_local(
         N, V, H, torch.empty((), dtype=elt).element_size(), True, True, b is not None,
         budget=budget, fixed_bytes=module.stream_fixed_bytes(N, V, H, dtype, True),
-        recompute_minimum=module.recompute_minimum(N, V, H, dtype, True, kw["softcap"]))
-    want = {"one": ("stream", N), "chunks": ("stream", min(2, N))}.get(kind)
+        recompute_minimum=module.recompute_minimum(N, V, H, dtype, True, kw["softcap"]),
+        store=logit_store(module, V, H, dtype, 'cpu'))
     if want:
-        assert (plan.kind, plan.step) == want
+        assert (plan.kind, plan.step, plan.dw_sum) == want
     else:
         assert plan.kind == "recompute" and plan.gemm_eq == 4
         if backend == "triton":
@@ -102,8 +132,14 @@ def test_token_local_plans_match_float64(shape, backend, dtype, kind):
                          backend="reference", reference_dtype=torch.float64, **kw)
     loss64, metrics64 = _grpo(lp, mask, old, adv)
     grads64 = torch.autograd.grad(loss64 * 1.5, exact)
+    # The triton backend's 16-bit inputs: stored float16 logits (z - tile max) in the backward,
+    # and dW rounded to the weight dtype once more per chunk past the first when summed in it.
+    sixteen = backend == "triton" and dtype != torch.float32
+    grad_kw = dict(stored_logits=torch.float16 if sixteen else None,
+                   dw_roundings=-(-N // plan.step) - 1 if plan.dw_sum == "gemm" and sixteen
+                   else 0)
     bounds = loss_rounding_bounds(lambda x: _grpo(x, mask, old, adv), backend, dtype, hidden,
-                                  weight, b, targets, **kw)
+                                  weight, b, targets, **kw, **grad_kw)
     assert_within("loss", loss.detach(), loss64.detach(), bounds.loss)
     for k in metrics64:
         if k in bounds.metrics:
@@ -174,6 +210,35 @@ def test_no_n_by_v_tensor_unless_the_plan_stores_logits(backend):
     assert N * V * 4 <= whole
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_stream_stores_two_bytes_and_no_n_by_v_tensor(dtype):
+    """triton, 16-bit inputs: the stored logits are one [rows, W] buffer of the input dtype, W =
+    V + a float32 shift per shift_columns (2 elements each), both padded to 16: chunks of 10 rows
+    allocate nothing of N x V elements; one chunk of every row allocates exactly that buffer,
+    2 bytes per element, within the budget (no float32 [N, V] tensor)."""
+    from gift_fast.backends import triton_op
+    N, H, V = 40, 16, 96
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    old, adv = torch.full((N,), -3.0), torch.ones(1)
+    width = -(-V // 16) * 16 + -(-2 * -(-V // triton_op._shift_cols(dtype, hidden)) // 16) * 16
+
+    def run(budget):
+        with planner.use_memory_budget(budget), LargestAllocation() as spy:
+            loss, _ = grpo_loss(hidden[None], weight, targets[None], old[None], adv,
+                                backend="triton")
+            loss.backward()
+        return spy.largest
+
+    chunked = _stream_cost("triton", dtype, N, V, H, 10, False, "gemm")      # 4 chunks
+    assert run(chunked) <= max(10 * width, V * H, N * H) < N * V
+    whole = _stream_cost("triton", dtype, N, V, H, N, False, "once")
+    assert run(whole) == N * width
+    assert N * width * 2 <= whole < N * V * 4
+
+
 def test_budget_too_small_names_the_minimum():
     N, H, V = 6, 8, 50
     hidden = torch.randn(1, N, H, requires_grad=True)
@@ -211,11 +276,27 @@ def test_memory_budget_defaults_and_validation(monkeypatch):
 
 def test_token_local_plan_prefers_the_stream_and_falls_back():
     n, h, v = 8192, 4096, 151936
-    # bf16 at the issue's goal shape within 2 GiB: chunks of rows (3 GEMM-eq) with a float32
-    # dW sum; past one chunk the cost includes that sum.
+    # bf16 at the issue's goal shape with float32 stored logits (D apart): within 2 GiB plus a
+    # float32 dW sum no 2 chunks fit, so dW is summed in bf16 (at most 4 chunks).
     plan = planner.plan_token_local(n, v, h, 2, budget=(2 << 30) + 4 * v * h)
     assert plan.kind == "stream" and plan.gemm_eq == 3 and 128 <= plan.step < n
     assert plan.step % planner.ALIGN == 0 and plan.extra_bytes <= (2 << 30) + 4 * v * h
+    assert plan.dw_sum == "gemm" and -(-n // plan.step) <= planner.GEMM_DTYPE_SUM_MAX_CHUNKS
+    # triton's 16-bit store (2 bytes + a float32 shift per 64 columns): 2 chunks within 2 GiB
+    # (dW in bf16), one chunk within 4 GiB; at 4 x N the float32 dW sum (2.32 GiB) is smaller
+    # than half the rows' logits: 2 chunks with it within 7.5 GiB, in bf16 within 5 GiB.
+    store = planner.LogitStore(2, 64, 16)
+    p2 = planner.plan_token_local(n, v, h, 2, budget=2 << 30, store=store)
+    assert (p2.kind, -(-n // p2.step), p2.dw_sum) == ("stream", 2, "gemm")
+    p4 = planner.plan_token_local(n, v, h, 2, budget=4 << 30, store=store)
+    assert (p4.kind, p4.step, p4.dw_sum) == ("stream", n, "once")
+    p7 = planner.plan_token_local(4 * n, v, h, 2, budget=15 << 29, store=store)
+    assert (p7.kind, -(-4 * n // p7.step), p7.dw_sum) == ("stream", 2, "float32")
+    p5 = planner.plan_token_local(4 * n, v, h, 2, budget=5 << 30, store=store)
+    assert (p5.kind, -(-4 * n // p5.step), p5.dw_sum) == ("stream", 2, "gemm")
+    # Too small for 4 chunks of 16-bit rows: the recompute plan, not a fifth chunk.
+    p_re = planner.plan_token_local(n, v, h, 2, budget=n * v // 2, store=store)
+    assert p_re.kind == "recompute"
     # float32: no dW sum (the gradient is float32), D in place.
     plan32 = planner.plan_token_local(n, v, h, 4, budget=2 << 30)
     assert plan32.kind == "stream" and plan32.step >= 512
@@ -312,7 +393,7 @@ def test_stream_dead_rows_with_non_finite_hidden_add_exactly_zero(kind):
     clean = hidden.clone()
     clean[0, 0], clean[1, 1] = 0.0, 0.0
     mask = targets != -100
-    budget = _budget(kind, "torch", torch.float32, N, V, H, True)
+    budget, _ = _budget(kind, "torch", torch.float32, N, V, H, True)
 
     def run(h):
         leaves = [t.clone().requires_grad_() for t in (h, weight, b)]
@@ -330,3 +411,35 @@ def test_stream_dead_rows_with_non_finite_hidden_add_exactly_zero(kind):
     assert torch.all(grads_bad[0][0, 0] == 0) and torch.all(grads_bad[0][1, 1] == 0)
     for a, c in zip(grads_bad, grads_clean):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_store_keeps_the_bits_and_the_shifted_logits(dtype):
+    """16-bit inputs: the forward that stores float16 z - tile max (and the float32 maxima) gives
+    the statistics-only forward's bits, and the stored logits read back as z within the bound of
+    helpers.py (step 4, ``stored_logits``) on top of the float32 logits' own."""
+    from gift_fast.backends import triton_op
+    g = torch.Generator().manual_seed(6)
+    N, H, V = 13, 24, 75                          # V not a multiple of the tile (32 or 64)
+    x = torch.randn(N, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) * 2.0).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[3] = -1
+    st = triton_op.stats(x, w, b, y, 0.7, None, want_entropy=False)
+    z = triton_op.stream_buffer(N, V, dtype, x.device)
+    lse, target_logit = triton_op.stream_logits(x, w, b, y, 0.7, None, z)
+    assert torch.equal(lse, st.lse) and torch.equal(target_logit, st.target_logit)
+    cols = triton_op._shift_cols(dtype, x)
+    shift = triton_op._shift_of(z).double().repeat_interleave(cols, 1)[:, :V]
+    got = z.view(torch.float16).double() + shift
+    ref = (x.double() @ w.double().T + b.double()) / 0.7
+    size = (x.double().abs() @ w.double().abs().T + b.double().abs()) / 0.7
+    u16 = torch.finfo(torch.float16).eps / 2
+    below = (ref - ref.max(1, keepdim=True).values).abs()
+    # float32 logits (see the test above, no softcap), then fl(z - m), its float16 rounding
+    # (or half the subnormal spacing) and the float32 sum with m.
+    bound = (gamma(H + 1) * size + 2 * U32 * ref.abs() + (u16 + U32) * below
+             + U32 * ref.abs() + torch.finfo(torch.float16).smallest_normal * u16)
+    assert_within("stored 16-bit logits", got, ref, bound)
+    assert below.max() > 8          # the shifts matter: logits far below the row max

@@ -1,6 +1,7 @@
-"""The keep plan of two-phase ops (:mod:`.plan`; 3 GEMM-eq): the forward stores the float32
-logits of all rows, the backward forms D from them in place and runs dX = D @ W, dW = D.T @ X in
-cuBLAS (:mod:`.blas`), without recomputing the logits GEMM.
+"""The keep plan of two-phase ops (:mod:`.plan`; 3 GEMM-eq): the forward stores the logits of
+all rows (the stream plan's buffer: float32, or 16-bit shifted on triton), the backward forms
+D from them in place and runs dX = D @ W, dW = D.T @ X in cuBLAS (:mod:`.blas`), without
+recomputing the logits GEMM.
 
 Run for ``linear_logprobs`` and the fused GIFT op (``triton_gift``) when gradients are wanted, the memory budget holds the logits
 (:func:`plan.keep_bytes`), no entropy or argmax is asked for (D from stored logits has no entropy
@@ -18,7 +19,8 @@ import torch
 
 from . import plan as planner
 from .protocol import get_backend
-from .token_local import finish_sums, gradient_buffers, grads_from_logits
+from .token_local import (finish_sums, gradient_buffers, grads_from_logits, logit_store,
+                          logits_buffer)
 
 # "0" turns the keep plan off (every two-phase call recomputes); for tests and comparisons.
 ENABLED = os.environ.get("GIFT_FAST_KEEP_LOGITS", "1") != "0"
@@ -32,7 +34,8 @@ def keep_fits(backend: str, hidden: torch.Tensor, weight: torch.Tensor, need, bu
     mm_dtype = module.stream_dtypes(hidden.dtype)[1]
     elt = torch.empty((), dtype=mm_dtype).element_size()
     fixed = module.stream_fixed_bytes(N, V, H, hidden.dtype, need[1])
-    cost = planner.keep_bytes(N, V, H, elt, need[1], need[2], fixed)
+    cost = planner.keep_bytes(N, V, H, elt, need[1], need[2], fixed,
+                              logit_store(module, V, H, hidden.dtype, hidden.device))
     return cost <= planner.memory_budget(hidden.device, budget)
 
 
@@ -42,8 +45,7 @@ class KeepLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, y, active, backend, temperature, softcap):
         module = get_backend(backend)
-        z = torch.empty((hidden.shape[0], weight.shape[0]),
-                        dtype=module.stream_dtypes(hidden.dtype)[0], device=hidden.device)
+        z = logits_buffer(module, hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device)
         lse, target_logit = module.stream_logits(hidden, weight, bias, y, temperature, softcap, z)
         ctx.save_for_backward(hidden, weight, bias, y, active, lse)
         # Not saved through autograd: the backward overwrites it with D (its only use).
@@ -66,7 +68,7 @@ class KeepLogprobs(torch.autograd.Function):
         mm_dtype = module.stream_dtypes(hidden.dtype)[1]
         d = z if mm_dtype == z.dtype else torch.empty(z.shape, dtype=mm_dtype, device=z.device)
         w_mm, d_hidden, dx_tmp, dw_sum, db32 = gradient_buffers(module, hidden, weight,
-                                                                hidden.shape[0], 1, need)
+                                                                hidden.shape[0], "once", need)
         grads_from_logits(module, z, d, hidden, y, g, lse, temperature, softcap, w_mm, d_hidden,
                           dx_tmp, dw_sum, db32, accumulate=False)
         return (d_hidden, *finish_sums(dw_sum, db32, weight, bias), None, None, None, None, None)

@@ -7,9 +7,11 @@ alive between the two, and hidden/weight are not saved.
 
 The plan comes from :func:`plan.plan_token_local` within the memory budget:
 
-- ``"stream"`` (3 GEMM-eq): chunks of rows. The backend's forward writes the chunk's float32
-  logits and its statistics; the epilogue's derivative for those rows turns the logits into D in
-  place; dX[chunk] = D @ W and dW (+)= D.T @ X go to cuBLAS (:mod:`.blas`).
+- ``"stream"`` (3 GEMM-eq): chunks of rows. The backend's forward writes the chunk's logits
+  (the backend's ``stream_buffer``: float32, or 16-bit shifted by tile maxima on triton) and its
+  statistics; the epilogue's derivative for those rows turns the logits into D in place;
+  dX[chunk] = D @ W and dW (+)= D.T @ X go to cuBLAS (:mod:`.blas`), dW summed across chunks as
+  the plan's ``dw_sum`` says.
 - ``"recompute"`` (4 GEMM-eq): statistics of all rows, then the backend's recompute backward.
 
 The epilogue is any callable ``logp [N] -> (loss, metrics)`` written in torch (the functional
@@ -37,26 +39,43 @@ def _row_grad(epilogue, logp):
     return loss, metrics, g
 
 
-def gradient_buffers(backend, hidden, weight, rows, chunks, need):
-    """(W in the GEMM dtype, d_hidden, dx_tmp, dw_sum, db32) for :func:`grads_from_logits` over
-    ``chunks`` chunks of at most ``rows`` rows; None where not needed.
+def logit_store(backend, vocab, hidden, dtype, device) -> planner.LogitStore:
+    """The backend's stored-logits layout for the planner (default: float32 logits)."""
+    store = getattr(backend, "stream_store", None)
+    return planner.FLOAT32_LOGITS if store is None else store(vocab, hidden, dtype, device)
 
-    Logits in float32 (float64 inputs on torch: float64); the GEMMs' operands in the input
-    dtype on triton (cuBLAS sums in float32), in the logits' dtype on the torch backend."""
+
+def logits_buffer(backend, rows, vocab, dtype, device) -> torch.Tensor:
+    """A [rows, V] buffer for the backend's ``stream_logits`` (default: its sums' dtype)."""
+    make = getattr(backend, "stream_buffer", None)
+    if make is not None:
+        return make(rows, vocab, dtype, device)
+    return torch.empty((rows, vocab), dtype=backend.stream_dtypes(dtype)[0], device=device)
+
+
+def gradient_buffers(backend, hidden, weight, rows, dw_sum, need):
+    """(W in the GEMM dtype, d_hidden, dx_tmp, dw_sum, db32) for :func:`grads_from_logits` over
+    chunks of at most ``rows`` rows, dW summed as the plan's ``dw_sum`` says; None where not
+    needed.
+
+    Sums in float32 (float64 inputs on torch: float64); the GEMMs' operands in the input dtype
+    on triton (cuBLAS sums in float32), in the sums' dtype on the torch backend."""
     need_dx, need_dw, need_db = need
     dev = hidden.device
     z_dtype, mm_dtype = backend.stream_dtypes(hidden.dtype)
     w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
     d_hidden = torch.empty_like(hidden) if need_dx else None
+    # dX[chunk] is written once per row: straight into d_hidden unless the GEMM's dtype differs.
     dx_tmp = (torch.empty((rows, hidden.shape[1]), dtype=mm_dtype, device=dev)
               if need_dx and mm_dtype != hidden.dtype else None)
-    # One chunk writes dW once in the weight dtype; more sum in float32 (or in a float32 dW).
-    dw_sum = None
+    # "float32": a float32 sum cast at the end; "once" / "gemm": dW in the GEMM's dtype (the
+    # weight's own on triton; the torch backend's float32 copy of a 16-bit weight's gradient).
+    dw_buf = None
     if need_dw:
-        dw_dtype = weight.dtype if chunks == 1 and weight.dtype == mm_dtype else z_dtype
-        dw_sum = torch.empty(weight.shape, dtype=dw_dtype, device=dev)
+        dw_dtype = torch.float32 if dw_sum == "float32" else mm_dtype
+        dw_buf = torch.empty(weight.shape, dtype=dw_dtype, device=dev)
     db32 = torch.zeros(weight.shape[0], dtype=z_dtype, device=dev) if need_db else None
-    return w_mm, d_hidden, dx_tmp, dw_sum, db32
+    return w_mm, d_hidden, dx_tmp, dw_buf, db32
 
 
 def finish_sums(dw_sum, db32, weight, bias):
@@ -92,17 +111,18 @@ def grads_from_logits(backend, z, d, x, y, g, lse, temperature, softcap, w_mm, d
 
 
 def _stream(backend, hidden, weight, bias, y, active, epilogue, temperature, softcap, need,
-            step):
+            plan):
     """The stream plan: (loss, metrics, (d_hidden, d_weight, d_bias))."""
     need_dx, need_dw, _ = need
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     z_dtype, mm_dtype = backend.stream_dtypes(hidden.dtype)
+    step = plan.step
     rows = min(step, N)
-    z = torch.empty((rows, V), dtype=z_dtype, device=dev)
-    d = z if mm_dtype == z_dtype else torch.empty((rows, V), dtype=mm_dtype, device=dev)
+    z = logits_buffer(backend, rows, V, hidden.dtype, dev)
+    d = z if mm_dtype == z.dtype else torch.empty((rows, V), dtype=mm_dtype, device=dev)
     w_mm, d_hidden, dx_tmp, dw_sum, db32 = gradient_buffers(backend, hidden, weight, rows,
-                                                            -(-N // step), need)
+                                                            plan.dw_sum, need)
     logp = torch.zeros(N, dtype=z_dtype, device=dev)
     if N == 0:                    # no rows: the loss of nothing, zero gradients
         loss, metrics, _ = _row_grad(epilogue, logp)
@@ -157,11 +177,12 @@ class OnePassTokenLocal(torch.autograd.Function):
         elt = torch.empty((), dtype=module.stream_dtypes(hidden.dtype)[1]).element_size()
         plan = planner.plan_token_local(
             N, V, H, elt, *need, budget=budget, fixed_bytes=fixed,
-            recompute_minimum=module.recompute_minimum(N, V, H, hidden.dtype, need[1], softcap))
+            recompute_minimum=module.recompute_minimum(N, V, H, hidden.dtype, need[1], softcap),
+            store=logit_store(module, V, H, hidden.dtype, hidden.device))
         box["plan"] = plan
         if plan.kind == "stream":
             loss, metrics, grads = _stream(module, hidden, weight, bias, y, active, epilogue,
-                                           temperature, softcap, need, plan.step)
+                                           temperature, softcap, need, plan)
         else:
             loss, metrics, grads = _two_phase(backend, hidden, weight, bias, y, active, epilogue,
                                               temperature, softcap, need, budget)

@@ -213,10 +213,56 @@ def grad(hidden, weight, bias, local_targets, lse, entropy, g, e, temperature, s
 
 
 # -- the stream plan of token-local losses (``token_local``) ----------------------------------
+# float32 inputs store float32 logits and form D over them. 16-bit inputs store float16 z - m_t
+# with the float32 tile maxima m_t (``kernels/logprob_forward.py``) and write D over them in the
+# input dtype: one [rows, W] buffer of the input dtype holds a row's V values in its first
+# columns and its shifts, as float32, in the last ones (see ``_layout``); the
+# [rows, V] view the op passes around keeps its shifts with it when sliced by rows.
 
 def stream_dtypes(dtype: torch.dtype):
-    """(stored logits, GEMM operands): float32 logits; D and the cuBLAS GEMMs in the input dtype."""
+    """(per-row sums, GEMM operands): float32; D and the cuBLAS GEMMs in the input dtype."""
     return torch.float32, dtype
+
+
+def _shift_cols(dtype, where) -> int:
+    """Columns per stored shift on the target of ``where`` (a tensor, or a kernels Target)."""
+    from ..kernels.configs import shift_columns
+    from ..kernels.target import launch_target
+    return shift_columns(dtype, launch_target(where) if isinstance(where, torch.Tensor)
+                         else where)
+
+
+def _layout(vocab: int, dtype, where):
+    """(columns of the values, of a row's shifts in the input dtype, shift columns)."""
+    cols = _shift_cols(dtype, where)
+    # Both parts padded to 16 elements: row starts and the shifts 32-byte aligned, and a row
+    # stride Triton specialises as divisible by 16 (vector stores).
+    return -(-vocab // 16) * 16, -(-2 * -(-vocab // cols) // 16) * 16, cols
+
+
+def stream_store(vocab: int, hidden: int, dtype, device=None, target=None) -> planner.LogitStore:
+    """The planner's :class:`plan.LogitStore` of :func:`stream_buffer` on ``device`` (or for
+    ``target``, a ``kernels.target`` Target: the cost model's GPU), its padding included."""
+    if dtype == torch.float32:
+        return planner.FLOAT32_LOGITS
+    where = target if target is not None else torch.empty(0, device=device)
+    return planner.LogitStore(2, _shift_cols(dtype, where), 16)
+
+
+def stream_buffer(rows: int, vocab: int, dtype, device) -> torch.Tensor:
+    """The [rows, V] stored-logits buffer of a chunk (see above)."""
+    if dtype == torch.float32:
+        return torch.empty((rows, vocab), dtype=torch.float32, device=device)
+    buf = torch.empty((rows, 0), dtype=dtype, device=device)
+    values, shifts, _ = _layout(vocab, dtype, buf)
+    return torch.empty((rows, values + shifts), dtype=dtype, device=device)[:, :vocab]
+
+
+def _shift_of(z: torch.Tensor) -> torch.Tensor:
+    """The float32 shifts [rows, cdiv(V, cols)] stored after the values of :func:`stream_buffer`."""
+    values, shifts, cols = _layout(z.shape[1], z.dtype, z)
+    full = z.as_strided((z.shape[0], values + shifts), z.stride(), z.storage_offset())
+    return full[:, values:values + 2 * -(-z.shape[1] // cols)].view(torch.float32)
 
 
 def stream_fixed_bytes(n_rows: int, vocab: int, hidden: int, dtype, need_dw: bool) -> int:
@@ -230,15 +276,25 @@ def recompute_minimum(n_rows, vocab, hidden, dtype, need_dw, softcap):
 
 
 def stream_logits(x, weight, bias, y, temperature, softcap, z):
-    """Writes the float32 logits of the rows of ``x`` into ``z``; returns (lse, target_logit)."""
+    """Writes the logits of the rows of ``x`` into ``z`` (a :func:`stream_buffer`); returns
+    (lse, target_logit)."""
     _check_dtype(x)
-    lse, target_logit, _, _ = logprob_forward_stats(x, weight, bias, y, temperature, softcap,
-                                                    False, logits_out=z)
+    if z.dtype == torch.float32:
+        lse, target_logit, _, _ = logprob_forward_stats(x, weight, bias, y, temperature, softcap,
+                                                        False, logits_out=z)
+    else:
+        lse, target_logit, _, _ = logprob_forward_stats(
+            x, weight, bias, y, temperature, softcap, False, logits_out=z.view(torch.float16),
+            logits_shift=_shift_of(z))
     return lse, target_logit
 
 
 def stream_dlogits(z, y, g, lse, temperature, softcap, out):
-    """D of the rows whose logits are ``z`` into ``out`` (``z`` itself for float32); None: no
-    per-row factor (``token_local.grads_from_logits``)."""
-    dlogits_from_logits(z, y, g, lse, temperature, softcap, out)
+    """D of the rows whose logits :func:`stream_logits` wrote into ``z``, into ``out`` (``z``
+    itself: in place); None: no per-row factor (``token_local.grads_from_logits``)."""
+    if z.dtype == torch.float32:
+        dlogits_from_logits(z, y, g, lse, temperature, softcap, out)
+    else:
+        dlogits_from_logits(z.view(torch.float16), y, g, lse, temperature, softcap, out,
+                            shift=_shift_of(z), shift_cols=_shift_cols(z.dtype, z))
     return None
