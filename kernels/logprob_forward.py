@@ -18,6 +18,7 @@ of recomputing them. The statistics are the same bits either way.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import combine_config, dot_precision, forward_config
 from .target import aligned16, launch_target
@@ -58,6 +59,29 @@ def _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_x
 
 
 @triton.jit
+def _logit_tile_tma(XD, WD, row0, col0, H, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The same tile from TMA descriptors of x [N, H] and w [V, H] (blocks [BLOCK_N, BLOCK_H]
+    and [BLOCK_V, BLOCK_H]). The descriptors zero-fill rows, columns and H past the tensors' ends,
+    as the masked loads do; columns past a vocabulary slice's end are read (the next slice's W
+    rows) and set to NEG_BIG by ``_transform`` like any out-of-slice column."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        x = XD.load([row0, h0])
+        w = WD.load([col0, h0])
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _grouped(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row block, column) of program ``pid`` of a 1-D grid in grouped order: GROUP row blocks
+    take every column before the next GROUP start, the row block varying fastest, so programs
+    running at once share each column's W tiles and keep few X row blocks in L2."""
+    return tl.swizzle2d(pid // n_cols, pid % n_cols, n_rows, n_cols, GROUP)
+
+
+@triton.jit
 def _logprob_forward_kernel(
     X, W, B, Y,
     M_part, S_part, T_part, ZY_part, BEST_part, ARG_part, Z,
@@ -67,10 +91,14 @@ def _logprob_forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    if GROUP_N > 0:
+        pid_n, pid_s = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, v_per_split),
+                                GROUP_N)
+    else:
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -89,9 +117,13 @@ def _logprob_forward_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        acc = _logit_tile(X, W, rows64, row_mask, cols.to(tl.int64), col_mask, H, stride_xn,
-                          stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
-                          DOT_PRECISION)
+        if USE_TMA:
+            acc = _logit_tile_tma(X, W, pid_n * BLOCK_N, v0, H, BLOCK_N, BLOCK_V, BLOCK_H,
+                                  DOT_PRECISION)
+        else:
+            acc = _logit_tile(X, W, rows64, row_mask, cols.to(tl.int64), col_mask, H, stride_xn,
+                              stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
+                              DOT_PRECISION)
         z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
         if STORE_LOGITS:
             tl.store(Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :], z,
@@ -165,6 +197,20 @@ def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
         tl.store(ENT + rows64, log_s - t / tl.where(mask, s, 1.0), mask=mask)
 
 
+def tma_operands(x, w, cfg):
+    """(x, w) as TMA descriptors of the config's tiles when ``cfg`` asks for TMA (popping
+    USE_TMA) and both can be described (unit column stride, 16-byte aligned rows); otherwise
+    the tensors themselves and USE_TMA False. Same tiles either way: only the loads differ."""
+    want = cfg.pop("USE_TMA", False)
+    ok = all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+             and t.data_ptr() % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0 for t in (x, w))
+    if not (want and ok):
+        return x, w, False
+    block_h = cfg["BLOCK_H"]
+    return (TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [cfg["BLOCK_N"], block_h]),
+            TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [cfg["BLOCK_V"], block_h]), True)
+
+
 def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None,
                           row_max=None, logits_out=None):
     """Launches the forward kernel. x [N, H], w [V, H], targets [N] (ignored rows: any value
@@ -194,16 +240,20 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
         raise ValueError(f"logits_out: expected a float32 [{N}, {V}] tensor with unit column "
                          f"stride, got {logits_out.dtype} {tuple(logits_out.shape)} "
                          f"strides {logits_out.stride()}")
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), n_split)
+    x_op, w_op, use_tma = tma_operands(x, w, cfg)
+    group = cfg.pop("GROUP_N", 0)
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    grid = (n_blocks * n_split,) if group else (n_blocks, n_split)
     _logprob_forward_kernel[grid](
-        x, w, b if b is not None else x, targets,
+        x_op, w_op, b if b is not None else x, targets,
         m, s, t, zy, best, arg, logits_out if logits_out is not None else lse,
         N, V, H, v_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         logits_out.stride(0) if logits_out is not None else 0,
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
-        STORE_LOGITS=logits_out is not None, DOT_PRECISION=dot_precision(x.dtype), **cfg)
+        STORE_LOGITS=logits_out is not None, DOT_PRECISION=dot_precision(x.dtype),
+        USE_TMA=use_tma, GROUP_N=group, **cfg)
     ccfg = combine_config(target)
     _combine_kernel[(triton.cdiv(N, ccfg["BLOCK"]),)](
         m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,
