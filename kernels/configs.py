@@ -50,6 +50,10 @@ _FWD_TMA = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=16, num_stages=3
 # sm_100: 128 x 128 at 8 warps spilled 64-88 B with the entropy even without the store, and at 16
 # warps Triton falls back from tcgen05 to mma.sync; 128 x 64 keeps tcgen05's 128-row MMA.
 _FWD_TMA_SM100 = dict(_FWD_TMA, BLOCK_V=64, num_warps=8)
+# With V % 16 != 0 the logits-store variant writes float32 rows that are not 16-byte aligned (one
+# 64-bit address per element): at these tiles it spilled 80-500 B. Such vocabularies keep the
+# previous tiles, statistics-only forward included (same tiles, same bits as the store variant).
+_FWD_RAGGED_V = {HOPPER: _FWD_16, BLACKWELL: dict(_FWD_16, num_stages=2)}
 # AMD: on CDNA float32 dots run on MFMA, and the 32 x 64 tile with bias and softcap needed all
 # 106 SGPRs and spilled 26 (gfx942); 16 x 128 needs 74 SGPRs and 71 VGPRs (7 waves per SIMD).
 # RDNA3 runs float32 on FMA: 32 x 64 compiles without spills there.
@@ -81,19 +85,19 @@ FORWARD = {
 # 150 (one 8-warp block per SM, W tile loads shared by 64 rows).
 _DL_THIN = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
 _DL_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
-# sm_90 / sm_100, aligned 16-bit: as the forward (one program per output tile, grouped order).
-# sm_90 at 8 warps spilled 8 B at 255 registers with bias + softcap + entropy; 16 warps: <= 128.
-_DL_TMA = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=16, num_stages=3, USE_TMA=True,
+# sm_90 / sm_100, aligned 16-bit: as the forward (TMA loads, 1-D grid in grouped order, one
+# program per output tile). 128 x 128 did not fit with bias + softcap + the entropy gradient and a
+# row count not a multiple of 16: 8 B spilled on sm_90 at 16 warps (255 registers + 8 B at 8) and
+# on sm_100 at 8 warps. 128 x 64 at 8 warps: at most 172 registers on either.
+_DL_TMA = dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3, USE_TMA=True,
                GROUP_N=8)
-_DL_TMA_SM100 = dict(_DL_TMA, num_warps=8)     # <= 197 registers; 16 warps drop tcgen05
 _DL_AMD = {"fp32": dict(_DL_THIN, num_stages=1), "unaligned": dict(_DL_THIN, num_stages=1),
            "16bit": dict(_DL_16, num_stages=2)}
 DLOGITS = {
     TURING: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
     AMPERE: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
     HOPPER: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_TMA},
-    BLACKWELL: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN,
-                "16bit": _DL_TMA_SM100},
+    BLACKWELL: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN, "16bit": _DL_TMA},
     BLACKWELL_CONSUMER: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN,
                          "16bit": _DL_16},
     CDNA2: _DL_AMD, CDNA3: _DL_AMD, CDNA4: _DL_AMD, RDNA3: _DL_AMD,
@@ -107,6 +111,8 @@ def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
     if target == INTERPRETER:
         return dict(_INTERPRETER_TILE, v_per_split=64)
     cfg = _pick(FORWARD, target, _case(dtype, aligned))
+    if cfg.get("USE_TMA") and V % 16:
+        cfg = dict(_FWD_RAGGED_V[target.family])
     if store_logits and dtype == torch.float32:
         # A second stage spilled on sm_90 with bias + softcap + the logits store.
         cfg["num_stages"] = 1

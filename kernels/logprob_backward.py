@@ -12,7 +12,7 @@ logits the forward kernel stored (float32) instead of recomputing them: no GEMM,
 import triton
 import triton.language as tl
 
-from .logprob_forward import _grouped, _logit_tile, _logit_tile_tma, _transform, tma_operands
+from .logprob_forward import _logit_tile, _logit_tile_tma, _tile_ids, _transform, tma_operands
 from .configs import dlogits_config, from_logits_config
 from .target import aligned16, launch_target
 
@@ -31,12 +31,7 @@ def _dlogits_kernel(
     # flatten=True) so the next tile's loads overlap this epilogue) spilled at 128 x 128 with the
     # entropy gradient, bias and softcap on sm_90 (8 warps: 255 registers + 88 B; 16 warps:
     # 136 B) and sm_100 (8 warps: 36 B). The grouped order is kept (one program per tile).
-    if GROUP_N > 0:
-        pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V),
-                                GROUP_N)
-    else:
-        pid_n = tl.program_id(0)
-        pid_v = tl.program_id(1)
+    pid_n, pid_v = _tile_ids(tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < C
     rows64 = rows.to(tl.int64)
@@ -108,7 +103,8 @@ def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision
     V = w.shape[0]
     aligned = aligned16(x, w, out, *x.stride(), *w.stride(), *out.stride())
     cfg = dlogits_config(x.dtype, launch_target(x), aligned)
-    x_op, w_op, use_tma = tma_operands(x, w, cfg)
+    (x_op, w_op), use_tma = tma_operands(cfg, (x, (cfg["BLOCK_N"], cfg["BLOCK_H"])),
+                                         (w, (cfg["BLOCK_V"], cfg["BLOCK_H"])))
     group = cfg.pop("GROUP_N", 0)
     n_rows, n_cols = triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
     grid = (n_rows * n_cols,) if group else (n_rows, n_cols)

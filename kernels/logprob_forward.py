@@ -74,11 +74,18 @@ def _logit_tile_tma(XD, WD, row0, col0, H, BLOCK_N: tl.constexpr, BLOCK_V: tl.co
 
 
 @triton.jit
-def _grouped(pid, n_rows, n_cols, GROUP: tl.constexpr):
-    """(row block, column) of program ``pid`` of a 1-D grid in grouped order: GROUP row blocks
-    take every column before the next GROUP start, the row block varying fastest, so programs
-    running at once share each column's W tiles and keep few X row blocks in L2."""
-    return tl.swizzle2d(pid // n_cols, pid % n_cols, n_rows, n_cols, GROUP)
+def _tile_ids(n_rows, n_cols, GROUP: tl.constexpr):
+    """(row block, column) of this program. GROUP > 0: a 1-D grid in grouped order, GROUP row
+    blocks take every column before the next GROUP start, the row block varying fastest, so the
+    programs running at once share each column's W tiles and keep few X row blocks in L2.
+    GROUP == 0: the ids of a 2-D grid."""
+    if GROUP > 0:
+        pid = tl.program_id(0)
+        row, col = tl.swizzle2d(pid // n_cols, pid % n_cols, n_rows, n_cols, GROUP)
+    else:
+        row = tl.program_id(0)
+        col = tl.program_id(1)
+    return row, col
 
 
 @triton.jit
@@ -93,12 +100,7 @@ def _logprob_forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    if GROUP_N > 0:
-        pid_n, pid_s = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, v_per_split),
-                                GROUP_N)
-    else:
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
+    pid_n, pid_s = _tile_ids(tl.cdiv(N, BLOCK_N), tl.cdiv(V, v_per_split), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -197,18 +199,18 @@ def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
         tl.store(ENT + rows64, log_s - t / tl.where(mask, s, 1.0), mask=mask)
 
 
-def tma_operands(x, w, cfg):
-    """(x, w) as TMA descriptors of the config's tiles when ``cfg`` asks for TMA (popping
-    USE_TMA) and both can be described (unit column stride, 16-byte aligned rows); otherwise
-    the tensors themselves and USE_TMA False. Same tiles either way: only the loads differ."""
+def tma_operands(cfg, *tensors_and_blocks):
+    """The [rows, cols] tensors as TMA descriptors of their blocks when ``cfg`` asks for TMA
+    (popping USE_TMA) and every one can be described (unit column stride, 16-byte aligned rows);
+    otherwise the tensors themselves. Returns (operands, USE_TMA). Same tiles either way."""
     want = cfg.pop("USE_TMA", False)
+    tensors = [t for t, _ in tensors_and_blocks]
     ok = all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-             and t.data_ptr() % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0 for t in (x, w))
+             and t.data_ptr() % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0 for t in tensors)
     if not (want and ok):
-        return x, w, False
-    block_h = cfg["BLOCK_H"]
-    return (TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [cfg["BLOCK_N"], block_h]),
-            TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [cfg["BLOCK_V"], block_h]), True)
+        return tensors, False
+    return [TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block))
+            for t, block in tensors_and_blocks], True
 
 
 def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None,
@@ -240,7 +242,8 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
         raise ValueError(f"logits_out: expected a float32 [{N}, {V}] tensor with unit column "
                          f"stride, got {logits_out.dtype} {tuple(logits_out.shape)} "
                          f"strides {logits_out.stride()}")
-    x_op, w_op, use_tma = tma_operands(x, w, cfg)
+    (x_op, w_op), use_tma = tma_operands(cfg, (x, (cfg["BLOCK_N"], cfg["BLOCK_H"])),
+                                         (w, (cfg["BLOCK_V"], cfg["BLOCK_H"])))
     group = cfg.pop("GROUP_N", 0)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     grid = (n_blocks * n_split,) if group else (n_blocks, n_split)

@@ -1,12 +1,11 @@
 """The sm_90 / sm_100 16-bit path of the forward and dlogits kernels (TMA descriptors, 128-row tiles
 with K step 64, grouped tile order on a 1-D grid), run through TRITON_INTERPRET=1 on CPU
-tensors with the Hopper / Blackwell configs forced by ``override_target`` and checked against the
+tensors with the Hopper / Blackwell configs forced by ``override_target``, checked against the
 float64 oracle (test_linear_logprobs.check_against_reference: elementwise bounds derived from the
 inputs' magnitudes, tests/helpers.py). The interpreter runs the descriptors (zero-filled out of
 bounds like the hardware's TMA); whether the GPU code uses them is the compile check's evidence
-(tests/test_compile_targets.py). Shapes: H a multiple of 16 (the aligned case that takes TMA),
-N, V and H not multiples of the 128 x 128 x 64 tile (V a multiple of 16 where the dlogits path is
-checked: its [rows, V] output must be 16-aligned too)."""
+(tests/test_compile_targets.py). Shapes: H and V multiples of 16 (the aligned case that takes
+TMA; V % 16 != 0 keeps the previous tiles, tested below), N, V and H not multiples of the tiles."""
 import pytest
 import torch
 
@@ -19,13 +18,13 @@ from gift_fast.kernels.target import BLACKWELL, HOPPER, override_target
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="forces GPU configs onto CPU tensors (interpreter)")
 
-# (N, H, V, bias, temperature, softcap, ignored fraction); H % 16 == 0 keeps rows 16-aligned.
+# (N, H, V, bias, temperature, softcap, ignored fraction)
 CASES = {
-    "tma_ragged": (37, 80, 301, False, 1.0, None, 0.2),           # K step 64 + 16
+    "tma_ragged": (37, 80, 304, False, 1.0, None, 0.2),           # K step 64 + 16
     "tma_bias_temp_softcap": (29, 48, 80, True, 0.7, 3.0, 0.3),   # H below one K step
-    "tma_n1": (1, 16, 53, True, 1.0, None, 0.0),
+    "tma_n1": (1, 16, 48, True, 1.0, None, 0.0),
     "tma_v_below_tile": (6, 32, 16, False, 1.3, None, 0.0),
-    "tma_all_ignored": (5, 16, 33, True, 1.0, None, 1.0),
+    "tma_all_ignored": (5, 16, 32, True, 1.0, None, 1.0),
     # 3 row blocks x 3 vocabulary slices (with the narrow slices below), a ragged last slice,
     # 3 x 6 dlogits tiles in groups of 2 row blocks.
     "tma_slices": (300, 80, 688, True, 0.9, 5.0, 0.1),
@@ -60,10 +59,8 @@ def test_tma_path_matches_float64(arch, dtype, case, narrow_slices):
     """Log-probs, entropy, argmax and every gradient, forward and dlogits on the TMA path."""
     sink = _launches(arch, lambda: ll.check_against_reference("triton", dtype, case))
     kernels = {s.name: s for s in sink}
-    # dlogits writes a [rows, V] buffer: with V % 16 != 0 its rows are not 16-aligned and the
-    # kernel keeps the unaligned config (thin tiles, pointer loads), as on every target.
-    names = ["_logprob_forward_kernel"] + (["_dlogits_kernel"] if CASES[case][2] % 16 == 0
-                                           else [])
+    # Every row ignored: no row has a gradient, so no dlogits launch.
+    names = ["_logprob_forward_kernel"] + (["_dlogits_kernel"] if CASES[case][6] < 1 else [])
     for name in names:
         spec = kernels[name]
         sig = dict(spec.signature)
@@ -86,7 +83,7 @@ def test_tma_only_for_aligned_16_bit(arch):
     path); so do other families with aligned 16-bit operands."""
     def run(dtype, h, target=arch):
         x = torch.randn(5, h).to(dtype)
-        w = torch.randn(40, h).to(dtype)
+        w = torch.randn(48, h).to(dtype)
         sink = _launches(target, lambda: logprob_forward_stats(
             x, w, None, torch.zeros(5, dtype=torch.long), 1.0, None, False))
         return next(s for s in sink if s.name == "_logprob_forward_kernel")
@@ -96,6 +93,33 @@ def test_tma_only_for_aligned_16_bit(arch):
         cx = _constexprs(spec)
         assert cx["USE_TMA"] is False and cx["GROUP_N"] == 0
         assert dict(spec.signature)["X"].startswith("*")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vocabulary_not_a_multiple_of_16_keeps_the_previous_forward_tiles(arch):
+    """V % 16 != 0: the logits store's float32 rows are not 16-byte aligned, and the forward keeps
+    the previous 16-bit tiles (pointer loads, 2-D grid), the statistics-only variant too: the two
+    still give the same statistics bits, and the log-probs match float64."""
+    N, H, V = 37, 80, 301
+    x, w, b, y = ll.make_inputs(N, H, V, torch.bfloat16, True, 0.0, seed=6)
+    z = torch.empty(N, V)
+    sink = _launches(arch, lambda: (
+        logprob_forward_stats(x, w, b, y, 1.0, None, True),
+        logprob_forward_stats(x, w, b, y, 1.0, None, True, logits_out=z)))
+    fwd = [s for s in sink if s.name == "_logprob_forward_kernel"]
+    assert len(fwd) == 2 and len({(s.tiles(), s.num_warps) for s in fwd}) == 1
+    for spec in fwd:
+        assert _constexprs(spec)["USE_TMA"] is False and dict(spec.signature)["X"] == "*bf16"
+        assert spec.tiles() == "x".join(str(configs._FWD_16[k])
+                                        for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
+    with override_target(arch):
+        plain = logprob_forward_stats(x, w, b, y, 1.0, None, True)
+        stored = logprob_forward_stats(x, w, b, y, 1.0, None, True, logits_out=z)
+    for a, c in zip(plain, stored):
+        assert torch.equal(a, c)
+    raw = x.double() @ w.double().T + b.double()
+    bound = ll.backend_rounding_bounds("triton", torch.bfloat16, x, w, b, y)
+    ll.assert_within("lse", plain[0], torch.logsumexp(raw, 1), bound.lse)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
