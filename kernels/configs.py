@@ -53,7 +53,7 @@ _FWD_TMA_SM100 = dict(_FWD_TMA, BLOCK_V=64, num_warps=8)
 # With V % 16 != 0 the logits-store variant writes float32 rows that are not 16-byte aligned (one
 # 64-bit address per element): at these tiles it spilled 80-500 B. Such vocabularies keep the
 # previous tiles, statistics-only forward included (same tiles, same bits as the store variant).
-_FWD_RAGGED_V = {HOPPER: _FWD_16, BLACKWELL: dict(_FWD_16, num_stages=2)}
+_FWD_PRE_TMA = {HOPPER: _FWD_16, BLACKWELL: dict(_FWD_16, num_stages=2)}
 # AMD: on CDNA float32 dots run on MFMA, and the 32 x 64 tile with bias and softcap needed all
 # 106 SGPRs and spilled 26 (gfx942); 16 x 128 needs 74 SGPRs and 71 VGPRs (7 waves per SIMD).
 # RDNA3 runs float32 on FMA: 32 x 64 compiles without spills there.
@@ -103,6 +103,12 @@ DLOGITS = {
     CDNA2: _DL_AMD, CDNA3: _DL_AMD, CDNA4: _DL_AMD, RDNA3: _DL_AMD,
 }
 
+# False: the TMA entries above are replaced by the previous tiles (pointer loads). The native
+# build sets it (gift_fast/native_build.py): Triton's AOT launcher template has no
+# tensor-descriptor arguments.
+TMA_TILES = True
+
+
 def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
                    store_logits: bool = False) -> dict:
     """Tile sizes and vocabulary split of the forward kernel (never a function of N).
@@ -111,8 +117,8 @@ def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
     if target == INTERPRETER:
         return dict(_INTERPRETER_TILE, v_per_split=64)
     cfg = _pick(FORWARD, target, _case(dtype, aligned))
-    if cfg.get("USE_TMA") and V % 16:
-        cfg = dict(_FWD_RAGGED_V[target.family])
+    if cfg.get("USE_TMA") and (V % 16 or not TMA_TILES):
+        cfg = dict(_FWD_PRE_TMA[target.family])
     if store_logits and dtype == torch.float32:
         # A second stage spilled on sm_90 with bias + softcap + the logits store.
         cfg["num_stages"] = 1
@@ -122,7 +128,8 @@ def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
 def dlogits_config(dtype, target, aligned: bool = True) -> dict:
     if target == INTERPRETER:
         return dict(_INTERPRETER_TILE)
-    return _pick(DLOGITS, target, _case(dtype, aligned))
+    cfg = _pick(DLOGITS, target, _case(dtype, aligned))
+    return dict(_DL_16) if cfg.get("USE_TMA") and not TMA_TILES else cfg
 
 
 def from_logits_config(target) -> dict:
