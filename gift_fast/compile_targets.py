@@ -753,6 +753,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "nothing")
     p.add_argument("--record-only", default=None, metavar="FILE",
                    help="only record the specialisations (JSON) to FILE; compile nothing")
+    p.add_argument("--no-tma", action="store_true",
+                   help="record the launchers with the pre-TMA tiles (kernels.configs.TMA_TILES "
+                        "= False), as the native build does")
     args = p.parse_args(argv)
     if args.render:
         with open(args.render) as f:
@@ -766,6 +769,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = ",".join(ALL_ARCHS) if args.arch == "all" else args.arch
     archs = parse_archs(text) if text else \
         parse_archs(",".join(FULL_ARCHS if args.full else FAST_ARCHS))
+    if args.no_tma:
+        from .kernels import configs
+        configs.TMA_TILES = False
     if args.record_only:
         with open(args.record_only, "w") as f:
             json.dump([s.to_json() for s in record(archs, args.full)], f)

@@ -139,8 +139,10 @@ def record(archs: List[int], full: bool, out: Path) -> List[ct.Spec]:
     """The launchers' specialisations, recorded under the interpreter in a subprocess."""
     record_file = out / "specs.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
+    # --no-tma: Triton's AOT launcher template (emit_launcher) has no tensor-descriptor
+    # arguments, so the C library ships the pre-TMA tiles on sm_90 / sm_100.
     subprocess.run([sys.executable, "-m", "gift_fast.compile_targets", "--record-only",
-                    str(record_file), "--arch", ",".join(map(str, archs))]
+                    str(record_file), "--no-tma", "--arch", ",".join(map(str, archs))]
                    + (["--full"] if full else []), env=env, check=True)
     return [ct.Spec.from_json(d) for d in json.loads(record_file.read_text())]
 

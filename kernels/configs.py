@@ -39,6 +39,23 @@ def _pick(table: dict, target, case: str) -> dict:
 _FWD_FP32 = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, v_per_split=8192)
 _FWD_UNALIGNED = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_stages=2, v_per_split=8192)
 _FWD_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v_per_split=8192)
+# sm_90 / sm_100, aligned 16-bit: the shape of the fastest published Triton GEMMs (Triton's
+# persistent-matmul tutorial: 128 x 128 tiles, K step 64, TMA, grouped tile order). USE_TMA: X and
+# W tiles through tensor descriptors (no address registers); GROUP_N: a 1-D grid whose programs
+# run GROUP_N row blocks against every vocabulary slice before the next GROUP_N (the X rows of a
+# group stay in L2 while each W tile is read by GROUP_N programs at once). No persistent grid: a
+# program already owns a whole slice (v_per_split / BLOCK_V tiles): few, long programs.
+# sm_90: at 8 warps the logits store spilled 20-32 B at 255 registers; 16 warps (4 warpgroups,
+# 128 registers per thread at most) compile with none, the store at that cap, the rest at <= 107.
+_FWD_TMA = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=16, num_stages=3,
+                v_per_split=8192, USE_TMA=True, GROUP_N=8)
+# sm_100: 128 x 128 at 8 warps spilled 64-88 B with the entropy even without the store, and at 16
+# warps Triton falls back from tcgen05 to mma.sync; 128 x 64 keeps tcgen05's 128-row MMA.
+_FWD_TMA_SM100 = dict(_FWD_TMA, BLOCK_V=64, num_warps=8)
+# With V % 16 != 0 the logits-store variant writes float32 rows that are not 16-byte aligned (one
+# 64-bit address per element): at these tiles it spilled 80-500 B. Such vocabularies keep the
+# previous tiles, statistics-only forward included (same tiles, same bits as the store variant).
+_FWD_PRE_TMA = {HOPPER: _FWD_16, BLACKWELL: dict(_FWD_16, num_stages=2)}
 # AMD: on CDNA float32 dots run on MFMA, and the 32 x 64 tile with bias and softcap needed all
 # 106 SGPRs and spilled 26 (gfx942); 16 x 128 needs 74 SGPRs and 71 VGPRs (7 waves per SIMD).
 # RDNA3 runs float32 on FMA: 32 x 64 compiles without spills there.
@@ -52,12 +69,12 @@ FORWARD = {
     AMPERE: {"fp32": dict(_FWD_FP32, num_stages=1), "unaligned": dict(_FWD_UNALIGNED, num_warps=8),
              "16bit": _FWD_16},
     HOPPER: {"fp32": dict(_FWD_FP32, num_stages=2), "unaligned": dict(_FWD_UNALIGNED, num_warps=8),
-             "16bit": _FWD_16},
+             "16bit": _FWD_TMA},
     # sm_100: with the logits-store arguments in the kernel, bias + softcap spilled 24 B at 3
     # stages (tcgen05); 2 stages do not (stages only pipeline the loads: same tiles, same bits).
     BLACKWELL: {"fp32": dict(_FWD_FP32, num_stages=2),
                 "unaligned": dict(_FWD_UNALIGNED, num_warps=8),
-                "16bit": dict(_FWD_16, num_stages=2)},
+                "16bit": _FWD_TMA_SM100},
     BLACKWELL_CONSUMER: {"fp32": dict(_FWD_FP32, num_stages=2),
                          "unaligned": dict(_FWD_UNALIGNED, num_warps=8), "16bit": _FWD_16},
     CDNA2: _FWD_CDNA, CDNA3: _FWD_CDNA, CDNA4: _FWD_CDNA, RDNA3: _FWD_AMD,
@@ -70,17 +87,29 @@ FORWARD = {
 # 150 (one 8-warp block per SM, W tile loads shared by 64 rows).
 _DL_THIN = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
 _DL_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+# sm_90 / sm_100, aligned 16-bit: as the forward (TMA loads, 1-D grid in grouped order, one
+# program per output tile). 128 x 128 did not fit with bias + softcap + the entropy gradient and a
+# row count not a multiple of 16: 8 B spilled on sm_90 at 16 warps (255 registers + 8 B at 8) and
+# on sm_100 at 8 warps. 128 x 64 at 8 warps: at most 172 registers on either.
+_DL_TMA = dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3, USE_TMA=True,
+               GROUP_N=8)
 _DL_AMD = {"fp32": dict(_DL_THIN, num_stages=1), "unaligned": dict(_DL_THIN, num_stages=1),
            "16bit": dict(_DL_16, num_stages=2)}
 DLOGITS = {
     TURING: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
     AMPERE: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
-    HOPPER: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_16},
-    BLACKWELL: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN, "16bit": _DL_16},
+    HOPPER: {"fp32": _DL_THIN, "unaligned": _DL_THIN, "16bit": _DL_TMA},
+    BLACKWELL: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN, "16bit": _DL_TMA},
     BLACKWELL_CONSUMER: {"fp32": dict(_DL_THIN, num_warps=8), "unaligned": _DL_THIN,
                          "16bit": _DL_16},
     CDNA2: _DL_AMD, CDNA3: _DL_AMD, CDNA4: _DL_AMD, RDNA3: _DL_AMD,
 }
+
+# False: the TMA entries above are replaced by the previous tiles (pointer loads). The native
+# build sets it (gift_fast/native_build.py): Triton's AOT launcher template has no
+# tensor-descriptor arguments.
+TMA_TILES = True
+
 
 def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
                    store_logits: bool = False) -> dict:
@@ -92,6 +121,8 @@ def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
     if target == INTERPRETER:
         return dict(_INTERPRETER_TILE, v_per_split=64)
     cfg = _pick(FORWARD, target, _case(dtype, aligned))
+    if cfg.get("USE_TMA") and (V % 16 or not TMA_TILES):
+        cfg = dict(_FWD_PRE_TMA[target.family])
     if store_logits and dtype == torch.float32:
         # A second stage spilled on sm_90 with bias + softcap + the logits store.
         cfg["num_stages"] = 1
@@ -106,19 +137,23 @@ def forward_config(V: int, H: int, dtype, target, aligned: bool = True,
 
 def shift_columns(dtype, target) -> int:
     """Columns per stored tile maximum of the forward's 16-bit logits store (``Z_SHIFT``): the
-    gcd of the BLOCK_V of both 16-bit cases, so a chunk whose rows happen to be unaligned (other
+    gcd of the BLOCK_V of every 16-bit case, so a chunk whose rows happen to be unaligned (other
     tiles) writes the same layout and the reader needs no per-launch tile width."""
     if target == INTERPRETER:
         return _INTERPRETER_TILE["BLOCK_V"]
     if dtype == torch.float32:
         return _pick(FORWARD, target, "fp32")["BLOCK_V"]
-    return math.gcd(*(_pick(FORWARD, target, c)["BLOCK_V"] for c in ("16bit", "unaligned")))
+    widths = [_pick(FORWARD, target, c)["BLOCK_V"] for c in ("16bit", "unaligned")]
+    if target.family in _FWD_PRE_TMA:          # the TMA families' fallback tiles (V % 16)
+        widths.append(_FWD_PRE_TMA[target.family]["BLOCK_V"])
+    return math.gcd(*widths)
 
 
 def dlogits_config(dtype, target, aligned: bool = True) -> dict:
     if target == INTERPRETER:
         return dict(_INTERPRETER_TILE)
-    return _pick(DLOGITS, target, _case(dtype, aligned))
+    cfg = _pick(DLOGITS, target, _case(dtype, aligned))
+    return dict(_DL_16) if cfg.get("USE_TMA") and not TMA_TILES else cfg
 
 
 def from_logits_config(target) -> dict:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_forward import _logit_tile, _transform
+from .logprob_forward import _logit_tile, _logit_tile_tma, _tile_ids, _transform, tma_operands
 from .configs import dlogits_config, from_logits_config
 from .target import aligned16, launch_target
 
@@ -28,10 +28,13 @@ def _dlogits_kernel(
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Not persistent: a persistent grid (Triton's tutorial: tiles looped with tl.range(...,
+    # flatten=True) so the next tile's loads overlap this epilogue) spilled at 128 x 128 with the
+    # entropy gradient, bias and softcap on sm_90 (8 warps: 255 registers + 88 B; 16 warps:
+    # 136 B) and sm_100 (8 warps: 36 B). The grouped order is kept (one program per tile).
+    pid_n, pid_v = _tile_ids(tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < C
     rows64 = rows.to(tl.int64)
@@ -39,8 +42,12 @@ def _dlogits_kernel(
     col_mask = cols < V
     cols64 = cols.to(tl.int64)
 
-    acc = _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_xh,
-                      stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+    if USE_TMA:
+        acc = _logit_tile_tma(X, W, pid_n * BLOCK_N, pid_v * BLOCK_V, H, BLOCK_N, BLOCK_V,
+                              BLOCK_H, DOT_PRECISION)
+    else:
+        acc = _logit_tile(X, W, rows64, row_mask, cols64, col_mask, H, stride_xn, stride_xh,
+                          stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
     z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
     dz = _dz(z, rows64, row_mask, cols, col_mask, Y, G, E, LSE, ENT, inv_temperature, softcap,
              HAS_SOFTCAP, HAS_ENTROPY_GRAD)
@@ -113,15 +120,19 @@ def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision
     V = w.shape[0]
     aligned = aligned16(x, w, out, *x.stride(), *w.stride(), *out.stride())
     cfg = dlogits_config(x.dtype, launch_target(x), aligned)
-    grid = (triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    (x_op, w_op), use_tma = tma_operands(cfg, (x, (cfg["BLOCK_N"], cfg["BLOCK_H"])),
+                                         (w, (cfg["BLOCK_V"], cfg["BLOCK_H"])))
+    group = cfg.pop("GROUP_N", 0)
+    n_rows, n_cols = triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+    grid = (n_rows * n_cols,) if group else (n_rows, n_cols)
     _dlogits_kernel[grid](
-        x, w, b if b is not None else x, y, g, e if e is not None else g, lse,
+        x_op, w_op, b if b is not None else x, y, g, e if e is not None else g, lse,
         ent if ent is not None else lse, out,
         C, V, H,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         1.0 / temperature, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY_GRAD=e is not None,
-        DOT_PRECISION=dot_precision, **cfg)
+        DOT_PRECISION=dot_precision, USE_TMA=use_tma, GROUP_N=group, **cfg)
 
 
 def dlogits_from_logits(z, y, g, lse, temperature, softcap, out, shift=None, shift_cols=1):

@@ -23,6 +23,7 @@ does not depend on the launch's alignment).
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import combine_config, dot_precision, forward_config, shift_columns
 from .target import aligned16, launch_target
@@ -76,6 +77,36 @@ def _store_shifted(Z, Z_SHIFT, z, tile_max, rows, rows64, row_mask, cols, col_ma
 
 
 @triton.jit
+def _logit_tile_tma(XD, WD, row0, col0, H, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The same tile from TMA descriptors of x [N, H] and w [V, H] (blocks [BLOCK_N, BLOCK_H]
+    and [BLOCK_V, BLOCK_H]). The descriptors zero-fill rows, columns and H past the tensors' ends,
+    as the masked loads do; columns past a vocabulary slice's end are read (the next slice's W
+    rows) and set to NEG_BIG by ``_transform`` like any out-of-slice column."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        x = XD.load([row0, h0])
+        w = WD.load([col0, h0])
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _tile_ids(n_rows, n_cols, GROUP: tl.constexpr):
+    """(row block, column) of this program. GROUP > 0: a 1-D grid in grouped order, GROUP row
+    blocks take every column before the next GROUP start, the row block varying fastest, so the
+    programs running at once share each column's W tiles and keep few X row blocks in L2.
+    GROUP == 0: the ids of a 2-D grid."""
+    if GROUP > 0:
+        pid = tl.program_id(0)
+        row, col = tl.swizzle2d(pid // n_cols, pid % n_cols, n_rows, n_cols, GROUP)
+    else:
+        row = tl.program_id(0)
+        col = tl.program_id(1)
+    return row, col
+
+
+@triton.jit
 def _logprob_forward_kernel(
     X, W, B, Y,
     M_part, S_part, T_part, ZY_part, BEST_part, ARG_part, Z, Z_SHIFT,
@@ -86,10 +117,9 @@ def _logprob_forward_kernel(
     STORE_LOGITS: tl.constexpr, SHIFTED_LOGITS: tl.constexpr, SHIFT_COLS: tl.constexpr,
     STORE_LATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n, pid_s = _tile_ids(tl.cdiv(N, BLOCK_N), tl.cdiv(V, v_per_split), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -108,9 +138,13 @@ def _logprob_forward_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        acc = _logit_tile(X, W, rows64, row_mask, cols.to(tl.int64), col_mask, H, stride_xn,
-                          stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
-                          DOT_PRECISION)
+        if USE_TMA:
+            acc = _logit_tile_tma(X, W, pid_n * BLOCK_N, v0, H, BLOCK_N, BLOCK_V, BLOCK_H,
+                                  DOT_PRECISION)
+        else:
+            acc = _logit_tile(X, W, rows64, row_mask, cols.to(tl.int64), col_mask, H, stride_xn,
+                              stride_xh, stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H,
+                              DOT_PRECISION)
         z = _transform(acc, cols, col_mask, B, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
         if STORE_LOGITS and not SHIFTED_LOGITS:
             tl.store(Z + rows64[:, None] * stride_zn + cols.to(tl.int64)[None, :], z,
@@ -190,6 +224,20 @@ def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
         tl.store(ENT + rows64, log_s - t / tl.where(mask, s, 1.0), mask=mask)
 
 
+def tma_operands(cfg, *tensors_and_blocks):
+    """The [rows, cols] tensors as TMA descriptors of their blocks when ``cfg`` asks for TMA
+    (popping USE_TMA) and every one can be described (unit column stride, 16-byte aligned rows);
+    otherwise the tensors themselves. Returns (operands, USE_TMA). Same tiles either way."""
+    want = cfg.pop("USE_TMA", False)
+    tensors = [t for t, _ in tensors_and_blocks]
+    ok = all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+             and t.data_ptr() % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0 for t in tensors)
+    if not (want and ok):
+        return tensors, False
+    return [TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block))
+            for t, block in tensors_and_blocks], True
+
+
 def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, config=None,
                           row_max=None, logits_out=None, logits_shift=None):
     """Launches the forward kernel. x [N, H], w [V, H], targets [N] (ignored rows: any value
@@ -233,9 +281,13 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
             raise ValueError(f"logits_shift: expected a float32 [{N}, {tiles}] tensor with unit "
                              f"column stride next to float16 logits_out, got "
                              f"{logits_shift.dtype} {tuple(logits_shift.shape)}")
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), n_split)
+    (x_op, w_op), use_tma = tma_operands(cfg, (x, (cfg["BLOCK_N"], cfg["BLOCK_H"])),
+                                         (w, (cfg["BLOCK_V"], cfg["BLOCK_H"])))
+    group = cfg.pop("GROUP_N", 0)
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    grid = (n_blocks * n_split,) if group else (n_blocks, n_split)
     _logprob_forward_kernel[grid](
-        x, w, b if b is not None else x, targets,
+        x_op, w_op, b if b is not None else x, targets,
         m, s, t, zy, best, arg, logits_out if logits_out is not None else lse,
         logits_shift if shifted else lse,
         N, V, H, v_per_split,
@@ -246,7 +298,7 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
         STORE_LOGITS=logits_out is not None, SHIFTED_LOGITS=shifted,
         SHIFT_COLS=shift_cols if shifted else 1, STORE_LATE=shifted and store_late,
-        DOT_PRECISION=dot_precision(x.dtype), **cfg)
+        DOT_PRECISION=dot_precision(x.dtype), USE_TMA=use_tma, GROUP_N=group, **cfg)
     ccfg = combine_config(target)
     _combine_kernel[(triton.cdiv(N, ccfg["BLOCK"]),)](
         m, s, t, zy, best, arg, lse, target_logit, entropy if want_entropy else lse, argmax,

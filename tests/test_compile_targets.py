@@ -68,6 +68,30 @@ def test_recorded_configs_are_the_launchers_own():
     assert dict(fwd.signature)["X"] == "*fp32" and dict(fwd.signature)["N"] == "i32"
 
 
+@pytest.mark.parametrize("arch, mma", [(90, "wgmma"), (100, "tcgen05")])
+def test_16_bit_gemm_kernels_use_tma_and_the_target_mma(arch, mma):
+    """sm_90 / sm_100 with aligned 16-bit operands: the forward and dlogits kernels load X and W
+    through TMA descriptors (cp.async.bulk.tensor in the PTX) and multiply on the target's MMA
+    (wgmma, tcgen05) in 128-row tiles with K step 64, without spills."""
+    from gift_fast.kernels import dlogits, logprob_forward_stats
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, generator=g).bfloat16()
+    w = torch.randn(256, 64, generator=g).bfloat16()
+    y = torch.randint(0, 256, (64,), generator=g)
+    sink = []
+    with ct.recording(arch, sink):
+        lse, _, ent, _ = logprob_forward_stats(x, w, None, y, 1.0, None, True)
+        dlogits(x, w, None, y, lse, lse, lse, ent, 1.0, None,
+                torch.empty(64, 256, dtype=torch.bfloat16), "ieee")
+    specs = [s for s in dict.fromkeys(sink)
+             if s.name in ("_logprob_forward_kernel", "_dlogits_kernel")]
+    assert len(specs) == 2
+    for spec, res in zip(specs, ct.compile_all(specs, jobs=2)):
+        assert not ct.problems(spec, res), (spec.name, res)
+        assert res["tma"] and res["mma"] == mma, (spec.name, res)
+        assert spec.tiles().startswith("128x") and spec.tiles().endswith("x64")
+
+
 def test_unreached_jit_function_is_reported():
     every = set(ct.jit_functions())
     assert set(ct.unexercised(())) == every
