@@ -86,6 +86,13 @@ KERNEL_PACKAGE = "gift_fast.kernels"
 # 1. Recording launches
 # --------------------------------------------------------------------------------------------
 
+# Kernels whose first pointer is not in the op's input dtype (the stored float16 logits of a
+# 16-bit op): the argument that is (its D, written in the input dtype).
+_DTYPE_ARG = {"_dlogits_from_logits_kernel": "D"}
+# Elementwise kernels: no dot, so no MMA column of their own in the hardware table.
+_NO_DOT = ("_gift_epilogue_kernel", "_combine_kernel", "_dlogits_from_logits_kernel")
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """One kernel specialisation for one target: what ``triton.compile`` gets."""
@@ -121,7 +128,12 @@ class Spec:
 
     @property
     def dtype(self) -> str:
-        """The element type of the first pointer argument (the kernel's input dtype)."""
+        """The op's input dtype: the element type of the first pointer argument, or of the
+        argument ``_DTYPE_ARG`` names for kernels whose first pointer has another type."""
+        names = dict(self.signature)
+        arg = names.get(_DTYPE_ARG.get(self.name, ""), "")
+        if arg.startswith("*"):
+            return arg[1:]
         return next((t[1:] for _, t in self.signature if t.startswith("*")), "-")
 
     def flags(self) -> str:
@@ -634,6 +646,13 @@ def _render(head, lines) -> str:
                      + [fmt(r) for r in lines])
 
 
+def _note(rows: List[dict]) -> str:
+    """A hardware-table row's note: which kernels spill or fail, when any does."""
+    bad = sorted({r["kernel"].strip("_") for r in rows if r["spills"] or r["errors"]})
+    return ("compiled, not run; spills or errors in " + ", ".join(bad)) if bad else \
+        "compiled, not run"
+
+
 def _regs(r: dict) -> str:
     return f"{r['registers']}v/{r['sgprs']}s" if r["sgprs"] else str(r["registers"])
 
@@ -679,8 +698,7 @@ def render_markdown(rows: List[dict]) -> str:
             mine = [r for r in rows if r["target"] == name and r["dtype"] == dtype]
             if not mine:
                 continue
-            dots = [r for r in mine if r["kernel"] != "_gift_epilogue_kernel"
-                    and r["kernel"] != "_combine_kernel"]
+            dots = [r for r in mine if r["kernel"] not in _NO_DOT]
             mma = sorted({m for r in dots for m in r["mma"]})
             worst = min((r for r in mine if r["blocks"] is not None),
                         key=lambda r: (r["blocks"], r["waves"]), default=None)
@@ -688,7 +706,7 @@ def render_markdown(rows: List[dict]) -> str:
             lines.append((name, target.family, dtype, "triton", "/".join(mma) or "-", _regs(top),
                           str(max(r["spills"] for r in mine)),
                           "-" if worst is None else f"{worst['blocks']}, {worst['waves']:g}",
-                          str(sum(r["errors"] for r in mine)), "compiled, not run"))
+                          str(sum(r["errors"] for r in mine)), _note(mine)))
     return _render(head, lines)
 
 

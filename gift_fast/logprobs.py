@@ -86,7 +86,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             return _outputs(lead, logp, entropy, argmax, return_entropy, return_argmax)
         active = t1 != ignore_index
         y = local_targets(t1, active)
-        if keeps_logits(which, h2, weight, bias, return_entropy or return_argmax):
+        if keeps_logits(which, h2, weight, bias, return_entropy or return_argmax, softcap):
             logp = KeepLogprobs.apply(h2, weight, bias, y, active, which, float(temperature),
                                       None if softcap is None else float(softcap))
             return _outputs(lead, logp, None, None, False, False)
@@ -97,7 +97,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _outputs(lead, logp, entropy, argmax, return_entropy, return_argmax)
 
 
-def keeps_logits(backend: str, hidden, weight, bias, extra_outputs: bool) -> bool:
+def keeps_logits(backend: str, hidden, weight, bias, extra_outputs: bool, softcap=None) -> bool:
     """The keep plan (:mod:`.backends.keep`): gradients wanted, no entropy or argmax, a backend
     whose stored-logits forward has the statistics' bits (triton), eager mode (the custom ops'
     fake implementations have no stored logits), and the budget holds the logits."""
@@ -107,7 +107,7 @@ def keeps_logits(backend: str, hidden, weight, bias, extra_outputs: bool) -> boo
             or not grad_wanted(hidden, weight, bias)):
         return False
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    return keep_fits(backend, hidden, weight, need)
+    return keep_fits(backend, hidden, weight, need, bias=bias, softcap=softcap)
 
 
 def grad_wanted(*tensors) -> bool:

@@ -50,8 +50,9 @@ _FWD_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3, v
 _FWD_TMA = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=16, num_stages=3,
                 v_per_split=8192, USE_TMA=True, GROUP_N=8)
 # sm_100: 128 x 128 at 8 warps spilled 64-88 B with the entropy even without the store, and at 16
-# warps Triton falls back from tcgen05 to mma.sync; 128 x 64 keeps tcgen05's 128-row MMA.
-_FWD_TMA_SM100 = dict(_FWD_TMA, BLOCK_V=64, num_warps=8)
+# warps Triton falls back from tcgen05 to mma.sync; 128 x 64 keeps tcgen05's 128-row MMA. With
+# the 16-bit store's arguments in the kernel, bias + softcap spilled 12 B at 3 stages: 2 stages.
+_FWD_TMA_SM100 = dict(_FWD_TMA, BLOCK_V=64, num_warps=8, num_stages=2)
 # With V % 16 != 0 the logits-store variant writes float32 rows that are not 16-byte aligned (one
 # 64-bit address per element): at these tiles it spilled 80-500 B. Such vocabularies keep the
 # previous tiles, statistics-only forward included (same tiles, same bits as the store variant).
@@ -178,6 +179,21 @@ def dot_precision(dtype) -> str:
     does. For 16-bit inputs the tensor cores multiply exactly whatever is asked (the sm_80-120
     PTX is identical for "tf32" and "ieee"), and the AMD backends reject "tf32" for them."""
     return "ieee"
+
+
+# ---- where the forward's 16-bit logits store is not taken -----------------------------------
+# (family, case): with bias and softcap the store variant spills there, whatever the tiles
+# (docs/hardware.md lists what was tried); the stored-logits plans (stream, keep) are not taken
+# and the recompute plan runs instead (4 GEMM-eq).
+STORE_SPILLS = {(CDNA4, "unaligned")}
+
+
+def store_supported(dtype, target, aligned: bool, has_bias: bool, has_softcap: bool) -> bool:
+    """Whether the stored-logits plans may run the forward's logits store for these inputs."""
+    if target is None or target == INTERPRETER or dtype == torch.float32:
+        return True
+    return not (has_bias and has_softcap
+                and (target.family, _case(dtype, aligned)) in STORE_SPILLS)
 
 
 # ---- what the triton backend does not run ---------------------------------------------------

@@ -443,3 +443,37 @@ def test_sixteen_bit_store_keeps_the_bits_and_the_shifted_logits(dtype):
              + U32 * ref.abs() + torch.finfo(torch.float16).smallest_normal * u16)
     assert_within("stored 16-bit logits", got, ref, bound)
     assert below.max() > 8          # the shifts matter: logits far below the row max
+
+
+def test_no_stored_logits_where_the_store_spills(monkeypatch):
+    """kernels.configs.STORE_SPILLS: on gfx950 (CDNA4) the bf16 forward's logits store spills
+    with rows that are not 16-byte aligned, bias and softcap (docs/hardware.md). There the
+    token-local op takes the recompute plan and the keep plan is not taken; aligned rows, a
+    missing bias or softcap, and other targets still store."""
+    from gift_fast.backends import token_local, triton_op
+    from gift_fast.kernels.target import override_target
+    from gift_fast.logprobs import keeps_logits
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(H):
+        x = torch.randn(6, H, generator=g).to(torch.bfloat16).requires_grad_()
+        w = torch.randn(40, H, generator=g).to(torch.bfloat16).requires_grad_()
+        return x, w
+    x, w = inputs(13)                          # H = 13: rows of 26 bytes, not 16-aligned
+    xa, wa = inputs(16)
+    b = torch.randn(40, generator=g).to(torch.bfloat16)
+    with override_target("gfx950"):
+        assert not triton_op.stores_logits(x, w, b, 30.0)
+        assert not keeps_logits("triton", x, w, b, False, 30.0)
+        assert triton_op.stores_logits(x, w, b, None) and triton_op.stores_logits(x, w, None, 30.0)
+        assert triton_op.stores_logits(xa, wa, b, 30.0)
+        streamed = []
+        monkeypatch.setattr(token_local, "_stream", lambda *a, **k: streamed.append(1))
+        y = torch.randint(0, 40, (6,), generator=g)
+        loss, _ = one_pass_token_local(x, w, b, y, lambda lp: (lp.sum(), {}), ignore_index=-100,
+                                       backend="triton", softcap=30.0, temperature=1.0)
+        assert not streamed and torch.isfinite(loss)
+    with override_target("gfx942"):
+        assert triton_op.stores_logits(x, w, b, 30.0)
+    plan = planner.plan_token_local(6, 40, 13, 2, store=None, budget=1 << 30)
+    assert plan.kind == "recompute"

@@ -20,15 +20,19 @@ import torch
 from . import plan as planner
 from .protocol import get_backend
 from .token_local import (finish_sums, gradient_buffers, grads_from_logits, logit_store,
-                          logits_buffer)
+                          logits_buffer, stores_logits)
 
 # "0" turns the keep plan off (every two-phase call recomputes); for tests and comparisons.
 ENABLED = os.environ.get("GIFT_FAST_KEEP_LOGITS", "1") != "0"
 
 
-def keep_fits(backend: str, hidden: torch.Tensor, weight: torch.Tensor, need, budget=None) -> bool:
-    """Whether the keep plan's scratch for these inputs fits the memory budget."""
+def keep_fits(backend: str, hidden: torch.Tensor, weight: torch.Tensor, need, budget=None,
+              bias=None, softcap=None) -> bool:
+    """Whether the backend can store these inputs' logits and the keep plan's scratch fits the
+    memory budget."""
     module = get_backend(backend)
+    if not stores_logits(module, hidden, weight, bias, softcap):
+        return False
     N, H = hidden.shape
     V = weight.shape[0]
     mm_dtype = module.stream_dtypes(hidden.dtype)[1]

@@ -255,7 +255,8 @@ def plan_token_local(n_rows: int, vocab: int, hidden: int, element_size: int,
     ``fixed_bytes``: a backend's own scratch of the stream besides these buffers (the torch
     backend's float32 copies of a 16-bit weight and its tile buffer). ``recompute_minimum``:
     a backend that sizes its recompute tiles itself (torch) gives its least budget; the plan's
-    ``step`` is then 0 (the backend's choice). ``store``: the backend's :class:`LogitStore`.
+    ``step`` is then 0 (the backend's choice). ``store``: the backend's :class:`LogitStore`;
+    None when the backend cannot store these inputs' logits (the recompute plan).
 
     ``dw_sum``, how dW is summed across chunks: "once" (one chunk, dW written once); with
     float32 GEMM operands (``element_size`` 4) "gemm" (summed in the float32 gradient), any
@@ -268,13 +269,13 @@ def plan_token_local(n_rows: int, vocab: int, hidden: int, element_size: int,
         return fixed_bytes + stored_logits_bytes(rows, vocab, hidden, element_size,
                                                  -(-n // rows), need_dw, need_db, n, store,
                                                  dw_sum)
-    once = cost(n, "once")
-    if once <= budget:
+    once = cost(n, "once") if store is not None else None
+    if once is not None and once <= budget:
         return Plan("stream", "rows", n, once, 3, "once")
     modes = ((("gemm", 0),) if element_size == 4 or not need_dw else
              (("float32", FLOAT32_SUM_MAX_CHUNKS), ("gemm", GEMM_DTYPE_SUM_MAX_CHUNKS)))
-    least = once
-    for mode, max_chunks in modes:
+    least = once if once is not None else float("inf")
+    for mode, max_chunks in (modes if store is not None else ()):
         rows = _rows_within(lambda r, m=mode: cost(r, m), n, max_chunks, budget)
         if rows:
             return Plan("stream", "rows", rows, cost(rows, mode), 3, mode)

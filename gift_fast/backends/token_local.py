@@ -39,6 +39,12 @@ def _row_grad(epilogue, logp):
     return loss, metrics, g
 
 
+def stores_logits(backend, hidden, weight, bias, softcap) -> bool:
+    """Whether the backend may run a stored-logits plan on these inputs (default: yes)."""
+    check = getattr(backend, "stores_logits", None)
+    return True if check is None else check(hidden, weight, bias, softcap)
+
+
 def logit_store(backend, vocab, hidden, dtype, device) -> planner.LogitStore:
     """The backend's stored-logits layout for the planner (default: float32 logits)."""
     store = getattr(backend, "stream_store", None)
@@ -178,7 +184,8 @@ class OnePassTokenLocal(torch.autograd.Function):
         plan = planner.plan_token_local(
             N, V, H, elt, *need, budget=budget, fixed_bytes=fixed,
             recompute_minimum=module.recompute_minimum(N, V, H, hidden.dtype, need[1], softcap),
-            store=logit_store(module, V, H, hidden.dtype, hidden.device))
+            store=(logit_store(module, V, H, hidden.dtype, hidden.device)
+                   if stores_logits(module, hidden, weight, bias, softcap) else None))
         box["plan"] = plan
         if plan.kind == "stream":
             loss, metrics, grads = _stream(module, hidden, weight, bias, y, active, epilogue,

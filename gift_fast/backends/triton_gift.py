@@ -157,7 +157,7 @@ def fused_gift_loss(h2, weight, bias, t1, anchor, rewards, cu_seqlens, group_siz
                      cu_seqlens.long().contiguous(), group_ptr, float(beta), float(eps),
                      float(length_norm), std == "unbiased", bool(drop_uniform_groups),
                      group_size, reduction == "mean")
-    if op_layer.keeps_logits("triton", h2, weight, bias, False):
+    if op_layer.keeps_logits("triton", h2, weight, bias, False, softcap):
         # The keep plan (3 GEMM-eq): the same log-prob bits, the logits kept for the backward.
         logp = KeepLogprobs.apply(h2, weight, bias, y, active, "triton", temperature, softcap)
         loss, adv, z, stats, n_bad = _EpilogueOfKeptLogprobs.apply(logp, active, *epilogue_args)

@@ -240,6 +240,16 @@ def _layout(vocab: int, dtype, where):
     return -(-vocab // 16) * 16, -(-2 * -(-vocab // cols) // 16) * 16, cols
 
 
+def stores_logits(x, weight, bias, softcap) -> bool:
+    """Whether the stored-logits plans (stream, keep) may run on these inputs: not where the
+    forward's logits store does not compile cleanly (``kernels.configs.store_supported``)."""
+    from ..kernels.configs import store_supported
+    from ..kernels.target import aligned16, launch_target
+    return store_supported(x.dtype, launch_target(x),
+                           aligned16(x, weight, *x.stride(), *weight.stride()),
+                           bias is not None, softcap is not None)
+
+
 def stream_store(vocab: int, hidden: int, dtype, device=None, target=None) -> planner.LogitStore:
     """The planner's :class:`plan.LogitStore` of :func:`stream_buffer` on ``device`` (or for
     ``target``, a ``kernels.target`` Target: the cost model's GPU), its padding included."""
