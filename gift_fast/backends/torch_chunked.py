@@ -443,7 +443,11 @@ def stream_dlogits(z, y, g, lse, temperature, softcap, out):
     r = 0, which zeroes their D exactly where z is finite; z is not finite only on rows whose
     logits are not (a NaN or +inf logit, or all -inf), and then neither is lse: those rows are
     zeroed (0 * NaN is not 0)."""
-    # Eager only (token_local): the host read of the row count is fine.
-    bad = torch.nonzero((g == 0) & ~torch.isfinite(lse)).squeeze(1)
-    z.index_fill_(0, bad, 0.0)
+    bad = (g == 0) & ~torch.isfinite(lse)
+    if z.device.type == "cpu":
+        # On CPU reading the row ids back costs nothing and touches those rows only.
+        z.index_fill_(0, torch.nonzero(bad).squeeze(1), 0.0)
+    else:
+        # On a GPU that read would sync with the host: one masked pass over the chunk instead.
+        z.masked_fill_(bad[:, None], 0.0)
     return (g * (-1.0 / temperature)).to(z.dtype)
