@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_forward import _logit_tile, _logit_tile_tma, _tile_ids, _transform, tma_operands
+from .logprob_forward import (_logit_tile, _logit_tile_tma, _tile_ids, _transform, tile_grid,
+                              tma_operands)
 from .configs import dlogits_config, from_logits_config
 from .target import aligned16, launch_target
 
@@ -122,9 +123,7 @@ def dlogits(x, w, b, y, g, e, lse, ent, temperature, softcap, out, dot_precision
     cfg = dlogits_config(x.dtype, launch_target(x), aligned)
     (x_op, w_op), use_tma = tma_operands(cfg, (x, (cfg["BLOCK_N"], cfg["BLOCK_H"])),
                                          (w, (cfg["BLOCK_V"], cfg["BLOCK_H"])))
-    group = cfg.pop("GROUP_N", 0)
-    n_rows, n_cols = triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
-    grid = (n_rows * n_cols,) if group else (n_rows, n_cols)
+    grid, group = tile_grid(cfg, triton.cdiv(C, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _dlogits_kernel[grid](
         x_op, w_op, b if b is not None else x, y, g, e if e is not None else g, lse,
         ent if ent is not None else lse, out,

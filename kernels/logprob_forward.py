@@ -224,6 +224,13 @@ def _combine_kernel(M_part, S_part, T_part, ZY_part, BEST_part, ARG_part,
         tl.store(ENT + rows64, log_s - t / tl.where(mask, s, 1.0), mask=mask)
 
 
+def tile_grid(cfg, n_rows: int, n_cols: int):
+    """(grid, GROUP_N) of a launch over [n_rows, n_cols] tiles: 1-D in the grouped order of
+    ``_tile_ids`` when ``cfg`` asks for it (popping GROUP_N), else 2-D."""
+    group = cfg.pop("GROUP_N", 0)
+    return ((n_rows * n_cols,) if group else (n_rows, n_cols)), group
+
+
 def tma_operands(cfg, *tensors_and_blocks):
     """The [rows, cols] tensors as TMA descriptors of their blocks when ``cfg`` asks for TMA
     (popping USE_TMA) and every one can be described (unit column stride, 16-byte aligned rows);
@@ -283,9 +290,7 @@ def logprob_forward_stats(x, w, b, targets, temperature, softcap, want_entropy, 
                              f"{logits_shift.dtype} {tuple(logits_shift.shape)}")
     (x_op, w_op), use_tma = tma_operands(cfg, (x, (cfg["BLOCK_N"], cfg["BLOCK_H"])),
                                          (w, (cfg["BLOCK_V"], cfg["BLOCK_H"])))
-    group = cfg.pop("GROUP_N", 0)
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    grid = (n_blocks * n_split,) if group else (n_blocks, n_split)
+    grid, group = tile_grid(cfg, triton.cdiv(N, cfg["BLOCK_N"]), n_split)
     _logprob_forward_kernel[grid](
         x_op, w_op, b if b is not None else x, targets,
         m, s, t, zy, best, arg, logits_out if logits_out is not None else lse,
